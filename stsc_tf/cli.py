@@ -1,0 +1,35 @@
+"""What every CLI shares: logging to the console, and user errors printed as one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+from stsc_tf.errors import STSCError
+
+
+def setup_logging() -> None:
+    logger = logging.getLogger("stsc_tf")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+
+def no_extra_args(argv: list[str]) -> None:
+    setup_logging()
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turns an STSCError into `error: <message>` and exit status 2."""
+    try:
+        yield
+    except STSCError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,24 @@
+"""Convert a raw dataset to TFRecords.
+
+    python -m stsc_tf.convert --dataset=isic2018 --source_dir=/data/ISIC2018 --output_dir=tfrecords/isic2018
+    python -m stsc_tf.convert --dataset=chestxray14 --source_dir=/data/ChestX-ray14 --split=official
+
+Prints progress and a summary (written / skipped / per class / per split). See stsc_tf/data/convert.py.
+"""
+
+from absl import app
+
+from stsc_tf import cli, flags as flags_lib
+from stsc_tf.data import convert as convert_lib
+
+
+def main(argv):
+    cli.no_extra_args(argv)
+    cfg = flags_lib.convert_config()
+    with cli.user_errors():
+        convert_lib.convert(cfg)
+
+
+if __name__ == "__main__":
+    flags_lib.define_convert_flags()
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Raw layouts -> TFRecords -> tf.data batches."""

@@ -1,0 +1,387 @@
+"""Raw layout -> sharded TFRecords + split CSVs + manifest.json (sharded, parallel, atomic).
+
+    python -m stsc_tf.convert --dataset=isic2018 --source_dir=../shared/data/isic2018 --output_dir=/tmp/isic
+
+Stages: load and validate the tables -> decode every image in parallel (a missing, truncated or corrupt file is an
+error naming it, or a counted skip) -> split -> write the shards in parallel, each under a temporary name renamed
+when complete -> split CSVs -> manifest.json LAST. A folder without a manifest is never complete; a rerun removes
+what a killed run left behind. A finished conversion is replaced only with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import time
+
+import numpy as np
+
+from stsc_tf.config import ConvertConfig
+from stsc_tf.data import features
+from stsc_tf.data.sources import Row, Source, load_source
+from stsc_tf.data.splits import DEFAULT_RATIOS, read_split_dir, stratified_group_split
+from stsc_tf.errors import DataError
+
+log = logging.getLogger("stsc_tf.convert")
+TMP_SUFFIX = ".incomplete"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images: decode, validate, re-encode (Python + PIL, in worker processes; this is offline work).
+# ----------------------------------------------------------------------------------------------------------------
+def _to_8bit(im):
+    """Grayscale stays one channel (decoded to 3 at read time); 16-bit is scaled to 8; alpha is dropped."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("L", "RGB"):
+        return im
+    if im.mode == "LA":
+        return im.convert("L")
+    return im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA", "RGBA") else im.convert("RGB")
+
+
+def encode_image(path: str, image_size: int) -> tuple[bytes, str, int, int]:
+    """Reads and fully decodes `path`; returns (bytes, 'jpeg'|'png', height, width) of what is stored.
+
+    With image_size == 0 the original bytes are kept (a JPEG or PNG; other formats are re-encoded as PNG).
+    Otherwise the shorter side is scaled down to image_size (never up) and the image re-encoded in its format.
+    Raises OSError / ValueError for a missing, truncated or corrupt file.
+    """
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    im = Image.open(io.BytesIO(raw))
+    fmt = {"JPEG": "jpeg", "PNG": "png"}.get(im.format or "", "")
+    if image_size and fmt == "jpeg":
+        im.draft("RGB" if im.mode != "L" else "L", (image_size, image_size))  # DCT scaling: a cheaper decode
+    im.load()  # raises on truncated / corrupt data
+    if image_size == 0 and fmt:
+        return raw, fmt, im.height, im.width
+    im = _to_8bit(im)
+    if image_size and min(im.size) > image_size:
+        scale = image_size / min(im.size)
+        new = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        im = im.resize(new, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = io.BytesIO()
+    fmt = fmt or "png"
+    if fmt == "jpeg":
+        im.save(out, format="JPEG", quality=95)
+    else:
+        im.save(out, format="PNG", compress_level=1)
+    return out.getvalue(), fmt, im.height, im.width
+
+
+def _validate_one(args) -> tuple[int, str | None]:
+    i, path = args
+    if path is None:
+        return i, "missing image file"
+    try:
+        encode_image(path, image_size=0)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        return i, f"corrupt or truncated image ({type(e).__name__}: {e})"
+    return i, None
+
+
+def _write_shard(args) -> dict:
+    """Writes one shard under a temporary name, renames it, returns its manifest entry."""
+    import tensorflow as tf
+
+    out_dir, name, records, image_size = args
+    tmp = os.path.join(out_dir, name + TMP_SUFFIX)
+    digest = hashlib.sha256()
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for index, row_id, path, label, group in records:
+            encoded, fmt, h, w = encode_image(path, image_size)
+            writer.write(features.make_example(encoded=encoded, fmt=fmt, image_id=row_id, height=h, width=w,
+                                               label=label, group=group, index=index))
+    with open(tmp, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    os.replace(tmp, os.path.join(out_dir, name))
+    return {"file": name, "records": len(records), "sha256": digest.hexdigest(),
+            "bytes": os.path.getsize(os.path.join(out_dir, name))}
+
+
+def _pool_map(fn, tasks, workers: int, what: str):
+    """Maps in `workers` spawned processes (TF is not fork-safe), logging progress about every 10%."""
+    results, total, t0 = [], len(tasks), time.time()
+    step = max(1, total // 10)
+
+    def report(done):
+        if done % step == 0 or done == total:
+            log.info("%s: %d/%d (%.1f/s)", what, done, total, done / max(time.time() - t0, 1e-9))
+
+    if workers <= 1 or total <= 1:
+        for done, t in enumerate(tasks, start=1):
+            results.append(fn(t))
+            report(done)
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, total)) as pool:
+        for done, r in enumerate(pool.imap(fn, tasks, chunksize=max(1, min(32, total // (8 * workers)))), 1):
+            results.append(r)
+            report(done)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder.
+# ----------------------------------------------------------------------------------------------------------------
+def _own_artifact(name: str) -> bool:
+    return (name.endswith(".tfrecord") or name.endswith(TMP_SUFFIX) or name == features.MANIFEST
+            or name in {f"{s}.csv" for s in features.SPLITS} or name == "skipped.csv")
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> None:
+    """Refuses a folder with foreign files or a finished conversion (unless overwrite); cleans a killed run."""
+    os.makedirs(path, exist_ok=True)
+    entries = sorted(os.listdir(path))
+    if not entries:
+        return
+    foreign = [e for e in entries if not _own_artifact(e)]
+    finished = features.MANIFEST in entries
+    if foreign:
+        raise DataError(f"output folder {path} is not empty and holds files the converter did not write "
+                        f"({foreign[:5]}); choose an empty folder")
+    if finished and not overwrite:
+        raise DataError(f"output folder {path} already holds a finished conversion (manifest.json); "
+                        "pass --overwrite to replace it")
+    # Manifest first: from here on the folder no longer looks complete.
+    for e in sorted(entries, key=lambda e: e != features.MANIFEST):
+        os.remove(os.path.join(path, e))
+    log.info("%s %d files in %s", "replaced" if finished else "removed an unfinished conversion:",
+             len(entries), path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splits.
+# ----------------------------------------------------------------------------------------------------------------
+def assign_splits(source: Source, rows: list[Row], cfg: ConvertConfig) -> np.ndarray:
+    """Returns a split name per row ('train' | 'val' | 'test')."""
+    labels = np.stack([r.label for r in rows])
+    if cfg.split_dir:
+        assignment = read_split_dir(cfg.split_dir, {r.id for r in rows})
+        return np.array([assignment[r.id] for r in rows], dtype=object)
+    if cfg.split == "random":
+        return stratified_group_split(labels, [r.group for r in rows], DEFAULT_RATIOS, cfg.seed)
+    if cfg.split != "official":
+        raise DataError(f"--split must be 'random' or 'official', got {cfg.split!r}")
+    if not source.has_official_split:
+        raise DataError(f"--split=official: {source.source_dir} has no official split files for {source.dataset}")
+    out = np.array([r.split for r in rows], dtype=object)
+    trainval = np.flatnonzero(out == "trainval")  # ChestX-ray14: train_val_list split 7:1 by patient
+    if len(trainval):
+        sub = stratified_group_split(labels[trainval], [rows[i].group for i in trainval], (0.7, 0.1), cfg.seed,
+                                     names=("train", "val"))
+        out[trainval] = sub
+    return out
+
+
+def check_no_group_straddles(rows: list[Row], splits: np.ndarray) -> None:
+    seen: dict[str, str] = {}
+    for r, s in zip(rows, splits):
+        if seen.setdefault(r.group, s) != s:
+            raise DataError(f"group {r.group!r} is in both {seen[r.group]!r} and {s!r} splits (image {r.id})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading back.
+# ----------------------------------------------------------------------------------------------------------------
+def load_manifest(data_dir: str) -> dict:
+    """Reads and checks `manifest.json`: every shard present with its recorded size and counts that add up.
+
+    Raises DataError naming the folder and what disagrees. (`verify_dataset` also checks hashes and contents.)
+    """
+    path = os.path.join(data_dir, features.MANIFEST)
+    if not os.path.isfile(path):
+        raise DataError(f"{data_dir}: no {features.MANIFEST}; it is not a finished conversion "
+                        "(run python -m stsc_tf.convert)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format_version") != features.FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {manifest.get('format_version')} != {features.FORMAT_VERSION}")
+    for split, info in manifest["splits"].items():
+        if sum(s["records"] for s in info["shards"]) != info["count"]:
+            raise DataError(f"{path}: split {split!r} shard records do not add up to its count {info['count']}")
+        for shard in info["shards"]:
+            p = os.path.join(data_dir, shard["file"])
+            if not os.path.isfile(p):
+                raise DataError(f"{data_dir}: shard {shard['file']} listed in the manifest is missing")
+            if os.path.getsize(p) != shard["bytes"]:
+                raise DataError(f"{data_dir}: shard {shard['file']} has {os.path.getsize(p)} bytes, the manifest "
+                                f"says {shard['bytes']}")
+    return manifest
+
+
+def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise DataError(f"{data_dir}: no split {split!r} (have {sorted(manifest['splits'])})")
+    return [os.path.join(data_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_dataset(data_dir: str) -> dict:
+    """Reads every record back: hashes, counts, dense indices, ids against the CSVs, labels, decodable images."""
+    import pandas as pd
+    import tensorflow as tf
+
+    manifest = load_manifest(data_dir)
+    k = len(manifest["class_names"])
+    summary = {}
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            digest = hashlib.sha256()
+            with open(os.path.join(data_dir, shard["file"]), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != shard["sha256"]:
+                raise DataError(f"{data_dir}: shard {shard['file']} SHA-256 differs from the manifest")
+        indices, ids, class_counts = [], [], np.zeros(k)
+        ds = tf.data.TFRecordDataset(shard_paths(data_dir, manifest, split))
+        for rec in ds.map(lambda s: features.parse_example(s, k)):
+            image = tf.io.decode_image(rec["encoded"], channels=3, expand_animations=False)
+            if tuple(image.shape[:2]) != (int(rec["height"]), int(rec["width"])):
+                raise DataError(f"{data_dir}: record {rec['id'].numpy().decode()} has image {image.shape[:2]} but "
+                                f"height/width {int(rec['height'])}x{int(rec['width'])}")
+            indices.append(int(rec["index"]))
+            ids.append(rec["id"].numpy().decode())
+            class_counts += rec["label"].numpy()
+        if sorted(indices) != list(range(info["count"])):
+            raise DataError(f"{data_dir}: split {split!r} indices are not 0..{info['count'] - 1}")
+        table = pd.read_csv(os.path.join(data_dir, f"{split}.csv"), dtype={"id": str})
+        if dict(zip(ids, indices)) != dict(zip(table["id"], table["index"])):
+            raise DataError(f"{data_dir}: {split}.csv disagrees with the {split} shards")
+        expected = [info["class_counts"][c] for c in manifest["class_names"]]
+        if not np.array_equal(class_counts, expected):
+            raise DataError(f"{data_dir}: split {split!r} class counts {class_counts.tolist()} != manifest {expected}")
+        summary[split] = len(indices)
+    log.info("verified %s: %s records", data_dir, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The conversion.
+# ----------------------------------------------------------------------------------------------------------------
+def convert(cfg: ConvertConfig) -> dict:
+    """Runs the whole conversion; returns the manifest."""
+    t0 = time.time()
+    out_dir = cfg.output_dir or os.path.join("tfrecords", cfg.dataset)
+    if cfg.num_shards < 1:
+        raise DataError(f"--num_shards must be >= 1, got {cfg.num_shards}")
+    if cfg.image_size < 0:
+        raise DataError(f"--image_size must be >= 0, got {cfg.image_size}")
+    csv_options = {}
+    if cfg.dataset == "csv_folder":
+        csv_options = dict(csv_path=cfg.csv_path, image_dir=cfg.image_dir, image_column=cfg.image_column,
+                           label_column=cfg.label_column, group_column=cfg.group_column,
+                           class_names=list(cfg.class_names) or None, task=cfg.task)
+    source = load_source(cfg.dataset, cfg.source_dir, on_error=cfg.on_error, **csv_options)
+    prepare_output_dir(out_dir, cfg.overwrite)
+    for note in source.notes:
+        log.info("%s", note)
+    rows = source.rows if (cfg.split == "official" or cfg.split_dir) else source.random_rows()
+    log.info("%s: %d rows in the tables (%d skipped)", source.dataset, len(rows), len(source.skipped))
+
+    # Decode every image once, in parallel, before anything is written.
+    skipped = list(source.skipped)
+    problems = [(i, why) for i, why in _pool_map(_validate_one, [(i, r.path) for i, r in enumerate(rows)],
+                                                   cfg.workers, "checked images") if why]
+    if problems and cfg.on_error == "fail":
+        lines = [f"{rows[i].id} ({rows[i].path or 'expected under ' + source.source_dir}): {why}"
+                 for i, why in problems[:5]]
+        raise DataError(f"{len(problems)} bad image(s) (pass --on_error=skip to skip them):\n  " + "\n  ".join(lines))
+    bad = {i for i, _ in problems}
+    skipped += [(f"{rows[i].id} ({rows[i].path})", why) for i, why in problems]
+    rows = [r for i, r in enumerate(rows) if i not in bad]
+    if not rows:
+        raise DataError(f"{source.source_dir}: every image was skipped")
+
+    splits = assign_splits(source, rows, cfg)
+    check_no_group_straddles(rows, splits)
+    rng = np.random.default_rng(cfg.seed)
+    manifest_splits, tasks, tables = {}, [], {}
+    n_train = max(1, int(np.sum(splits == "train")))
+    for split in features.SPLITS:
+        members = [rows[i] for i in np.flatnonzero(splits == split)]
+        if not members:
+            continue
+        members = [members[i] for i in rng.permutation(len(members))]  # mix classes across shards
+        n_shards = min(len(members), max(1, round(cfg.num_shards * len(members) / n_train)))
+        bounds = np.linspace(0, len(members), n_shards + 1).astype(int)
+        for s in range(n_shards):
+            chunk = [(j, members[j].id, members[j].path, members[j].label, members[j].group)
+                     for j in range(bounds[s], bounds[s + 1])]
+            tasks.append((out_dir, features.shard_name(split, s, n_shards), chunk, cfg.image_size))
+        counts = np.sum([r.label for r in members], axis=0)
+        manifest_splits[split] = {"count": len(members), "groups": len({r.group for r in members}),
+                                  "class_counts": {c: int(n) for c, n in zip(source.class_names, counts)},
+                                  "shards": []}
+        tables[split] = members
+
+    for entry in _pool_map(_write_shard, tasks, cfg.workers, "written shards"):
+        split = entry["file"].split("-", 1)[0]
+        manifest_splits[split]["shards"].append(entry)
+    for split, members in tables.items():
+        with open(os.path.join(out_dir, f"{split}.csv"), "w") as f:
+            f.write("id,index,group,labels\n")
+            for j, r in enumerate(members):
+                names = "|".join(c for c, v in zip(source.class_names, r.label) if v)
+                f.write(f"{r.id},{j},{r.group},{names}\n")
+    if skipped:
+        with open(os.path.join(out_dir, "skipped.csv"), "w") as f:
+            f.write("where,why\n")
+            for where, why in skipped:
+                f.write(f"\"{where}\",\"{why.replace(chr(34), chr(39))}\"\n")
+
+    manifest = {
+        "format_version": features.FORMAT_VERSION,
+        "dataset": source.dataset,
+        "task": source.task,
+        "class_names": source.class_names,
+        "image_size": cfg.image_size,
+        "seed": cfg.seed,
+        "split": "split_dir" if cfg.split_dir else cfg.split,
+        "source": {"dir": os.path.abspath(source.source_dir), "notes": source.notes,
+                   "split_dir": os.path.abspath(cfg.split_dir) if cfg.split_dir else None},
+        "skipped": len(skipped),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "splits": manifest_splits,
+    }
+    tmp = os.path.join(out_dir, features.MANIFEST + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, features.MANIFEST))  # last: now the folder is complete
+    log.info("%s", summary_text(manifest, out_dir, time.time() - t0))
+    if cfg.verify:
+        verify_dataset(out_dir)
+    return manifest
+
+
+def summary_text(manifest: dict, out_dir: str, seconds: float | None = None) -> str:
+    """A human summary: written / skipped / per split / per class."""
+    names = manifest["class_names"]
+    width = max(len(n) for n in names + ["class"])
+    splits = list(manifest["splits"])
+    lines = [f"{manifest['dataset']} ({manifest['task']}) -> {out_dir}",
+             f"written {sum(s['count'] for s in manifest['splits'].values())} records, skipped {manifest['skipped']}"
+             + (f", in {seconds:.1f} s" if seconds is not None else ""),
+             f"{'class':<{width}} " + " ".join(f"{s:>7}" for s in splits)]
+    for c in names:
+        lines.append(f"{c:<{width}} " + " ".join(f"{manifest['splits'][s]['class_counts'][c]:>7}" for s in splits))
+    lines.append(f"{'images':<{width}} " + " ".join(f"{manifest['splits'][s]['count']:>7}" for s in splits))
+    lines.append(f"{'groups':<{width}} " + " ".join(f"{manifest['splits'][s]['groups']:>7}" for s in splits))
+    lines.append(f"{'shards':<{width}} " + " ".join(f"{len(manifest['splits'][s]['shards']):>7}" for s in splits))
+    return "\n".join(lines)
+

@@ -1,0 +1,138 @@
+"""Raw dataset layouts. Each module turns one layout into a `Source`: rows of (id, path, label vector, group).
+
+A loader validates the tables (columns, label values, duplicate ids) and resolves image paths; it does not
+decode images (the converter does that, in parallel). Row-level problems (a row with no or two positive classes
+in a single-label table, an unknown finding name) are errors that name the file and row, or, with
+`on_error='skip'`, are counted and returned in `Source.skipped`. Problems with the table itself (a missing or
+renamed class column, duplicate ids, an empty folder) are always errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+
+from stsc_tf.errors import DataError
+
+SINGLE_LABEL = "single_label"
+MULTI_LABEL = "multi_label"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One image. `path` is None when the image file could not be found (reported by the converter)."""
+
+    id: str
+    path: str | None
+    label: np.ndarray  # [K] float32, one-hot or multi-hot
+    group: str
+    split: str | None = None  # official assignment: 'train' | 'val' | 'test' | 'trainval' (split further), or None
+
+
+@dataclasses.dataclass
+class Source:
+    """A loaded raw dataset."""
+
+    dataset: str
+    task: str
+    class_names: list[str]
+    rows: list[Row]
+    source_dir: str
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (where, why)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    has_official_split: bool = False
+    # Which official assignments the random 7:1:2 split draws from (ISIC: the training set only).
+    random_pool: tuple = (None, "train", "val", "test", "trainval")
+
+    def random_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.split in self.random_pool]
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("fail", "skip"):
+        raise DataError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+
+
+def row_problem(skipped: list, on_error: str, where: str, why: str) -> None:
+    """Raises for a bad row, or records the skip when the user asked for skipping."""
+    if on_error == "skip":
+        skipped.append((where, why))
+        return
+    raise DataError(f"{where}: {why} (pass --on_error=skip to skip such rows)")
+
+
+def read_csv_rows(path: str) -> tuple[list[str], list[list[str]]]:
+    """Reads a CSV's header and rows with the csv module (bracketed headers with commas stay as fields)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise DataError(f"{path}: empty file") from None
+        rows = [r for r in reader if any(c.strip() for c in r)]
+    return header, rows
+
+
+def check_unique_ids(ids: list[str], path: str) -> None:
+    seen: dict[str, int] = {}
+    for line, image_id in enumerate(ids, start=2):
+        if image_id in seen:
+            raise DataError(f"{path}: duplicate image id {image_id!r} (rows {seen[image_id]} and {line})")
+        seen[image_id] = line
+
+
+def require_columns(header: list[str], required: list[str], path: str) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; header is {header}")
+
+
+def one_hot_label(values: list[str], where: str, class_names: list[str], single_label: bool,
+                  skipped: list, on_error: str) -> np.ndarray | None:
+    """Parses one row of per-class 0/1 columns. Returns None when the row was skipped."""
+    try:
+        label = np.array([float(v) for v in values], dtype=np.float32)
+    except ValueError:
+        row_problem(skipped, on_error, where, f"non-numeric label value in {values}")
+        return None
+    if not np.all((label == 0.0) | (label == 1.0)):
+        row_problem(skipped, on_error, where, f"label values must be 0 or 1, got {values}")
+        return None
+    positives = int(label.sum())
+    if single_label and positives != 1:
+        names = [c for c, v in zip(class_names, label) if v]
+        row_problem(skipped, on_error, where,
+                    f"single-label row has {positives} positive classes {names} (need exactly 1)")
+        return None
+    return label
+
+
+def _loaders() -> dict[str, Callable[..., Source]]:
+    from stsc_tf.data.sources import chestxray14, csv_folder, isic2018
+
+    return {"isic2018": isic2018.load, "chestxray14": chestxray14.load, "csv_folder": csv_folder.load}
+
+
+DATASETS = ("isic2018", "chestxray14", "csv_folder")
+
+
+def load_source(dataset: str, source_dir: str, *, on_error: str = "fail", **kwargs) -> Source:
+    """Loads a raw layout by name ('isic2018' | 'chestxray14' | 'csv_folder')."""
+    loaders = _loaders()
+    if dataset not in loaders:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(loaders)}")
+    check_on_error(on_error)
+    if not os.path.isdir(source_dir):
+        raise DataError(f"source folder {source_dir!r} does not exist")
+    if not os.listdir(source_dir):
+        raise DataError(f"source folder {source_dir!r} is empty")
+    source = loaders[dataset](source_dir, on_error=on_error, **kwargs)
+    if not source.rows:
+        raise DataError(f"{source_dir}: no usable rows ({len(source.skipped)} skipped)")
+    return source
