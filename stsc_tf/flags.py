@@ -77,3 +77,17 @@ def convert_config() -> config_lib.ConvertConfig:
     if not kwargs["source_dir"]:
         raise ConfigError("--source_dir is required")
     return config_lib.ConvertConfig(**kwargs)
+
+
+def define_synthetic_flags() -> None:
+    _define("layout", "isic2018", "raw layout to write", ("isic2018", "chestxray14"))
+    _define("out", "", "output folder")
+    _define("num_images", 300, "number of images")
+    _define("image_size", 96, "image side in pixels")
+    _define("seed", 0, "seed")
+
+
+def synthetic_args() -> tuple:
+    if not FLAGS.out:
+        raise ConfigError("--out is required")
+    return FLAGS.layout, FLAGS.out, FLAGS.num_images, FLAGS.image_size, FLAGS.seed

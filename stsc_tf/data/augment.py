@@ -1,0 +1,88 @@
+"""Decoding, the ONE eval/serving preprocessing, and the view augmentation (SRC-MT's), as TF ops for tf.data.
+
+SRC-MT's training transform is `Resize(224) -> RandomAffine(degrees=10, translate=(0.02, 0.02)) ->
+RandomHorizontalFlip -> ToTensor -> Normalize(ImageNet)`. Here rotation, translation and flip are folded into ONE
+projective transform per view (one resampling instead of three; bilinear, zero fill like torchvision), drawn with
+stateless random ops from an explicit seed, so a run is reproducible and both views of a sample are independent
+draws of the same distribution. It runs on whole batches inside tf.data, never in the model (several Keras
+augmentation layers break XLA) and never in Python.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from stsc_tf.config import IMAGENET_MEAN, IMAGENET_STD
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG/PNG bytes -> uint8 [H, W, 3]. Grayscale becomes 3 channels, alpha is dropped, 16-bit PNG -> 8-bit.
+
+    Bytes that are not an image raise InvalidArgumentError.
+    """
+    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """uint8 or float [H, W, 3] (or a batch) -> float32 [S, S, 3] in 0..255 (antialiased bilinear, as PIL's)."""
+    return tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size], method="bilinear", antialias=True)
+
+
+def normalize(pixels: tf.Tensor) -> tf.Tensor:
+    """Float pixels in 0..255 -> ImageNet-normalised input (torchvision's ToTensor + Normalize)."""
+    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
+    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
+    return (tf.cast(pixels, tf.float32) - mean) / std
+
+
+def eval_preprocess(pixels: tf.Tensor, image_size: int) -> tf.Tensor:
+    """THE evaluation preprocessing (resize + normalize), shared by evaluation, training's eval and serving.
+
+    Args:
+      pixels: uint8 or float [H, W, 3] or [N, H, W, 3], values 0..255.
+    """
+    return normalize(resize(pixels, image_size))
+
+
+def preprocess_bytes(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG bytes (scalar) -> model input [S, S, 3]: decode + eval_preprocess."""
+    return eval_preprocess(decode(encoded), image_size)
+
+
+def affine_matrices(seed: tf.Tensor, batch: int, height: int, width: int, rotation_deg: float, translate: float,
+                    hflip: bool) -> tf.Tensor:
+    """Random output->input projective transforms, [B, 8] (ImageProjectiveTransformV3's layout).
+
+    Each sample: angle ~ U(-rotation_deg, rotation_deg), shift ~ U(-translate, translate) x size (pixels),
+    horizontal flip with probability 1/2 (when hflip), about the image centre.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+    theta = tf.random.stateless_uniform([batch], seeds[0], -1.0, 1.0) * (rotation_deg * math.pi / 180.0)
+    tx = tf.random.stateless_uniform([batch], seeds[1], -1.0, 1.0) * translate * width
+    ty = tf.random.stateless_uniform([batch], seeds[2], -1.0, 1.0) * translate * height
+    flip = tf.random.stateless_uniform([batch], seeds[3]) < 0.5 if hflip else tf.zeros([batch], tf.bool)
+    f = tf.where(flip, -1.0, 1.0)  # [B]
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    # input = Flip(C + Rot(-theta) (output - C - t)); Flip mirrors x about the centre.
+    u0, v0 = -(cx + tx), -(cy + ty)
+    a0, a1 = f * cos, f * sin
+    a2 = f * (cos * u0 + sin * v0) + cx
+    b0, b1 = -sin, cos
+    b2 = -sin * u0 + cos * v0 + cy
+    zeros = tf.zeros([batch])
+    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+
+
+def random_affine(images: tf.Tensor, seed: tf.Tensor, rotation_deg: float = 10.0, translate: float = 0.02,
+                  hflip: bool = True) -> tf.Tensor:
+    """Applies an independent random affine (+ flip) to each image of a float batch [B, H, W, 3]."""
+    shape = tf.shape(images)
+    h, w = images.shape[1], images.shape[2]
+    transforms = affine_matrices(seed, shape[0], h, w, rotation_deg, translate, hflip)
+    return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=shape[1:3],
+                                                 fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
