@@ -27,6 +27,21 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def decode_at_least(encoded: tf.Tensor, fmt: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
+                    image_size: int) -> tf.Tensor:
+    """Like `decode`, but a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, far cheaper than a
+    full decode) when its shorter side stays >= image_size. For the training path, which resizes next anyway.
+    """
+    short = tf.minimum(height, width)
+    ratio = tf.where(short >= 8 * image_size, 3, tf.where(short >= 4 * image_size, 2,
+                                                           tf.where(short >= 2 * image_size, 1, 0)))
+    ratio = tf.where(tf.equal(fmt, "jpeg"), ratio, -1)
+    branches = [lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r) for r in (1, 2, 4, 8)]
+    image = tf.switch_case(tf.cast(ratio, tf.int32), branches, default=lambda: decode(encoded))
+    image.set_shape([None, None, 3])
+    return image
+
+
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """uint8 or float [H, W, 3] (or a batch) -> float32 [S, S, 3] in 0..255 (antialiased bilinear, as PIL's)."""
     return tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size], method="bilinear", antialias=True)

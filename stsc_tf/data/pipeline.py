@@ -107,7 +107,8 @@ def _records(files: list[str], num_classes: int, deterministic: bool) -> tf.data
 
 def _decoded(rec: dict, image_size: int) -> dict:
     """Decode + resize to the training size, kept as uint8 so a cache holds 1 byte a pixel."""
-    image = tf.cast(tf.round(augment.resize(augment.decode(rec["encoded"]), image_size)), tf.uint8)
+    decoded = augment.decode_at_least(rec["encoded"], rec["format"], rec["height"], rec["width"], image_size)
+    image = tf.cast(tf.round(augment.resize(decoded, image_size)), tf.uint8)
     return {"image": image, "label": rec["label"], "index": rec["index"]}
 
 
