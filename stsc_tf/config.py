@@ -97,7 +97,7 @@ class LossConfig:
     class_weighted_consistency: bool = False
     class_weighted_supervised: bool = False
     tsc_start_epoch: float = 40.0
-    tsc_tau: float = 1.2
+    tsc_tau: float = 1.0
     tsc_tau_mode: str = "relative"
     tsc_substructure: str = "component"
     tsc_memory_dtype: str = "float16"

@@ -8,6 +8,11 @@ import logging
 import pathlib
 
 import pytest
+import tensorflow as tf
+
+# Four logical CPU devices for the distribution tests (the paper trains on 4 GPUs); must precede any TF op.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -27,12 +27,12 @@ def test_training_element_shapes_dtypes_and_views(synth_isic_records):
     assert b["student_view"].shape == (16, 24, 24, 3) and b["student_view"].dtype == tf.float32
     assert b["teacher_view"].shape == (16, 24, 24, 3)
     assert b["label"].shape == (16, 7) and b["label"].dtype == tf.float32
-    assert b["labeled"].dtype == tf.bool and b["index"].dtype == tf.int64
+    assert b["labeled"].dtype == tf.float32 and b["index"].dtype == tf.int64
     # the two views are independent draws: they differ, but not wildly (same image, small affine)
     diff = float(tf.reduce_mean(tf.abs(b["student_view"] - b["teacher_view"])))
     assert 0.01 < diff < 1.5
     # labels only for labeled samples, each one-hot; unlabeled samples carry zeros
-    labels, mask = b["label"].numpy(), b["labeled"].numpy()
+    labels, mask = b["label"].numpy(), b["labeled"].numpy() > 0.5
     assert np.all(labels[mask].sum(1) == 1) and np.all(labels[~mask] == 0)
     assert set(b["index"].numpy()[mask]) <= set(td.labeled_indices)
     assert not set(b["index"].numpy()[~mask]) & set(td.labeled_indices)
@@ -44,7 +44,7 @@ def test_training_element_shapes_dtypes_and_views(synth_isic_records):
 def test_every_replica_slice_holds_the_same_labeled_share(synth_isic_records, replicas):
     td = train_dataset(RecordSet.open(synth_isic_records), cfg(synth_isic_records, labeled_per_batch=8), replicas)
     for b in td.dataset.take(3):
-        slices = b["labeled"].numpy().reshape(replicas, -1)
+        slices = b["labeled"].numpy().reshape(replicas, -1) > 0.5
         assert np.all(slices.sum(1) == 8 // replicas)
         assert np.all(slices[:, : 8 // replicas])  # labeled rows first in each slice
 
@@ -61,7 +61,7 @@ def test_batch_composition_errors_name_the_flag():
 def test_ratio_one_makes_every_slot_labeled(synth_isic_records):
     td = train_dataset(RecordSet.open(synth_isic_records), cfg(synth_isic_records, labeled_ratio=1.0))
     b = next(iter(td.dataset))
-    assert b["labeled"].numpy().all() and len(td.labeled_indices) == RecordSet.open(synth_isic_records).count("train")
+    assert (b["labeled"].numpy() == 1).all() and len(td.labeled_indices) == RecordSet.open(synth_isic_records).count("train")
 
 
 def test_training_stream_is_reproducible_by_seed(synth_isic_records):

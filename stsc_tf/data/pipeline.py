@@ -3,7 +3,9 @@
 A training element (DESIGN.md):
     student_view [B, S, S, 3] float32   teacher_view [B, S, S, 3] float32 (independent draws of the augmentation)
     label        [B, K] float32 (zeros for unlabeled samples: their labels never reach the model)
-    labeled      [B] bool               index [B] int64 (dense train-split index: the key of the TSC memory)
+    labeled      [B] float32 1/0        index [B] int64 (dense train-split index: the key of the TSC memory)
+(`labeled` is a float 0/1 mask, not bool: under a distribution strategy Keras MEAN-reduces the first batch to build
+the model, and a bool tensor cannot be averaged.)
 
 Keras hands replica r of N the contiguous rows [r B/N, (r+1) B/N) of a global batch, so each batch is composed of
 N slices, each holding `labeled_per_batch / N` samples of D_L followed by `(B - labeled_per_batch) / N` of D_U.
@@ -152,8 +154,8 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1,
     unl = _stream(recs, ~is_labeled if has_unlabeled else is_labeled, cfg, per_u, cfg.seed + 1, cfg.cache)
 
     def compose(l, u):  # one replica slice: labeled first, then unlabeled
-        mask = tf.concat([tf.ones([per_l], tf.bool), tf.fill([per_u], not has_unlabeled)], 0)
-        label = tf.concat([l["label"], u["label"]], 0) * tf.cast(mask, tf.float32)[:, None]
+        mask = tf.concat([tf.ones([per_l]), tf.fill([per_u], 0.0 if has_unlabeled else 1.0)], 0)  # [b] 1 = labeled
+        label = tf.concat([l["label"], u["label"]], 0) * mask[:, None]
         return {"image": tf.concat([l["image"], u["image"]], 0), "label": label, "labeled": mask,
                 "index": tf.concat([l["index"], u["index"]], 0)}
 
