@@ -164,3 +164,15 @@ def test_labeled_subset_is_stratified_and_seeded():
     assert not np.array_equal(idx, labeled_subset(labels, 0.1, seed=5))
     with pytest.raises(DataError, match="in \\(0, 1\\]"):
         labeled_subset(labels, 0.0, 0)
+
+
+def test_stream_started_at_an_epoch_equals_the_uninterrupted_stream(synth_isic_records):
+    rs = RecordSet.open(synth_isic_records)
+    c = cfg(synth_isic_records)
+    full = train_dataset(rs, c, steps_per_epoch=3)
+    later = train_dataset(rs, c, steps_per_epoch=3, start_epoch=2)
+    a = list(full.dataset.skip(6).take(3))
+    b = list(later.dataset.take(3))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["index"], y["index"])
+        np.testing.assert_allclose(x["teacher_view"], y["teacher_view"])

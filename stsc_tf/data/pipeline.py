@@ -114,29 +114,37 @@ def _decoded(rec: dict, image_size: int) -> dict:
     return {"image": image, "label": rec["label"], "index": rec["index"]}
 
 
-def _stream(records: tf.data.Dataset, member: np.ndarray, cfg: DataConfig, per_slice: int, seed: int,
-            cache: bool) -> tf.data.Dataset:
-    """One endless, shuffled stream of decoded samples of one subset, batched per replica slice."""
+def _subset(records: tf.data.Dataset, member: np.ndarray, cfg: DataConfig) -> tf.data.Dataset:
+    """The records of one subset (D_L or D_U); decoded and cached in memory when `cfg.cache`."""
     member_t = tf.constant(member)
     ds = records.filter(lambda r: tf.gather(member_t, r["index"]))
-    if cache:
+    if cfg.cache:
         ds = ds.map(lambda r: _decoded(r, cfg.image_size), num_parallel_calls=AUTOTUNE).cache()
-        ds = ds.shuffle(min(cfg.shuffle_buffer, int(member.sum())), seed=seed, reshuffle_each_iteration=True).repeat()
-    else:
-        ds = ds.shuffle(min(cfg.shuffle_buffer, int(member.sum())), seed=seed, reshuffle_each_iteration=True).repeat()
+    return ds
+
+
+def _epoch_stream(subset: tf.data.Dataset, size: int, cfg: DataConfig, per_slice: int, seed: tf.Tensor,
+                  decoded: bool) -> tf.data.Dataset:
+    """One epoch's endless shuffled stream of a subset, batched per replica slice; its order depends only on seed."""
+    ds = subset.shuffle(min(cfg.shuffle_buffer, size), seed=seed, reshuffle_each_iteration=True).repeat()
+    if not decoded:
         ds = ds.map(lambda r: _decoded(r, cfg.image_size), num_parallel_calls=AUTOTUNE)
     return ds.batch(per_slice, drop_remainder=True)
 
 
-def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1,
-                  steps_per_epoch: int = 0) -> TrainData:
-    """The semi-supervised training stream (endless; an epoch is `steps_per_epoch` batches).
+def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, steps_per_epoch: int = 0,
+                  start_epoch: int = 0) -> TrainData:
+    """The semi-supervised training stream: `steps_per_epoch` batches an epoch, endless.
+
+    Each epoch's batches (order and augmentation draws) are a function of (seed, epoch) alone, so a run resumed at
+    `start_epoch` sees exactly the batches an uninterrupted run would have seen from there on.
 
     Args:
       records: the converted dataset.
       cfg: batch composition, ratio, augmentation, seed.
       num_replicas: replicas the global batch is split over (each slice gets the same labeled share).
       steps_per_epoch: 0 = ceil(|D_L| / labeled_per_batch).
+      start_epoch: the first epoch the stream yields (resume).
     """
     check_batch(cfg.batch_size, cfg.labeled_per_batch, num_replicas)
     n = records.count("train")
@@ -146,12 +154,13 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1,
     is_labeled = np.zeros(n, bool)
     is_labeled[labeled_idx] = True
     has_unlabeled = not is_labeled.all()
+    steps = steps_per_epoch or math.ceil(len(labeled_idx) / cfg.labeled_per_batch)
     per_l = cfg.labeled_per_batch // num_replicas
     per_u = (cfg.batch_size - cfg.labeled_per_batch) // num_replicas
     recs = _records(records.files("train"), records.num_classes, deterministic=True)
-    lab = _stream(recs, is_labeled, cfg, per_l, cfg.seed, cfg.cache)
     # With every sample labeled (ratio 1, the upper baseline) the second stream draws from D_L as well.
-    unl = _stream(recs, ~is_labeled if has_unlabeled else is_labeled, cfg, per_u, cfg.seed + 1, cfg.cache)
+    unl_member = ~is_labeled if has_unlabeled else is_labeled
+    lab_set, unl_set = _subset(recs, is_labeled, cfg), _subset(recs, unl_member, cfg)
 
     def compose(l, u):  # one replica slice: labeled first, then unlabeled
         mask = tf.concat([tf.ones([per_l]), tf.fill([per_u], 0.0 if has_unlabeled else 1.0)], 0)  # [b] 1 = labeled
@@ -159,15 +168,21 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1,
         return {"image": tf.concat([l["image"], u["image"]], 0), "label": label, "labeled": mask,
                 "index": tf.concat([l["index"], u["index"]], 0)}
 
-    ds = tf.data.Dataset.zip(lab, unl).map(compose).batch(num_replicas, drop_remainder=True)
-    ds = ds.map(lambda s: {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in s.items()})
-    ds = ds.enumerate().map(lambda step, b: _two_views(step, b, cfg), num_parallel_calls=AUTOTUNE)
-    ds = ds.prefetch(AUTOTUNE)
+    def epoch(e):
+        base = tf.cast(cfg.seed, tf.int64) * 1_000_003 + 2 * e
+        lab = _epoch_stream(lab_set, int(is_labeled.sum()), cfg, per_l, base, cfg.cache)
+        unl = _epoch_stream(unl_set, int(unl_member.sum()), cfg, per_u, base + 1, cfg.cache)
+        ds = tf.data.Dataset.zip(lab, unl).map(compose).batch(num_replicas, drop_remainder=True)
+        ds = ds.map(lambda s: {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in s.items()})
+        return ds.take(steps)
+
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
+    ds = ds.enumerate(start=start_epoch * steps)
+    ds = ds.map(lambda step, b: _two_views(step, b, cfg), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = ds.with_options(options)
     table = records.table("train")
-    steps = steps_per_epoch or math.ceil(len(labeled_idx) / cfg.labeled_per_batch)
     return TrainData(ds, labeled_idx, [table["id"][i] for i in labeled_idx], n, steps)
 
 
