@@ -91,3 +91,99 @@ def synthetic_args() -> tuple:
     if not FLAGS.out:
         raise ConfigError("--out is required")
     return FLAGS.layout, FLAGS.out, FLAGS.num_images, FLAGS.image_size, FLAGS.seed
+
+
+# Training flags: one per Config field (DataConfig.seed and TrainConfig.seed share --seed). Enums list the choices.
+TRAIN_FLAGS = {
+    "data": {
+        "data_dir": "folder written by python -m stsc_tf.convert",
+        "image_size": "square input side in pixels (SRC-MT: 224)",
+        "batch_size": "GLOBAL batch size (paper: ISIC 64, ChestX-ray14 48)",
+        "labeled_per_batch": "labeled samples in each global batch (SRC-MT: 12 of 48)",
+        "labeled_ratio": "share of the train split that keeps its labels, in (0, 1]",
+        "rotation_deg": "augmentation: max rotation in degrees (SRC-MT: 10)",
+        "translate": "augmentation: max translation as a fraction of the size (SRC-MT: 0.02)",
+        "hflip": "augmentation: random horizontal flip",
+        "shuffle_buffer": "tf.data shuffle buffer in records",
+        "cache": "keep decoded images in memory (small datasets)",
+    },
+    "model": {
+        "backbone": ("backbone", ("densenet121", "resnet50", "efficientnetv2_b0", "tiny")),
+        "weights": "imagenet | none | PATH to a weights file of the backbone",
+        "relation_layer": "layer whose output is the relation feature map ('' = last feature map)",
+        "dropout": "dropout before the classifier (SRC-MT: 0.2)",
+        "relation_features": ("flatten: the paper's reshaped map; avg: SRC-MT's pooled features", ("flatten", "avg")),
+        "sync_bn": "synchronise BatchNorm statistics across replicas",
+    },
+    "loss": {
+        "consistency": "lambda_max, weight of the unsupervised objective (0 removes it)",
+        "consistency_rampup": "ramp-up length in epochs (SRC-MT: 30)",
+        "consistency_start_epoch": "lambda is 0 before this epoch (SRC-MT: 20)",
+        "consistency_weight_c": "weight of L_c inside L_u (0 removes it)",
+        "beta": "weight of L_sc (0 removes it)",
+        "gamma": "weight of L_tc (0 removes it)",
+        "class_weighted_consistency": "weight L_c per class by 10000 / class count (SRC-MT option)",
+        "class_weighted_supervised": "weight the supervised loss per class by 10000 / class count",
+        "tsc_start_epoch": "TSC is on from this epoch (the paper's late training stage)",
+        "tsc_tau": "TSC edge threshold (see --tsc_tau_mode)",
+        "tsc_tau_mode": ("relative: tau/sqrt(B); absolute: tau; quantile: tau-quantile of R",
+                         ("relative", "absolute", "quantile")),
+        "tsc_substructure": ("component: connected components; edge: stable edges only (ablation)",
+                             ("component", "edge")),
+        "tsc_memory_dtype": ("dtype of the TSC memory", ("float16", "float32")),
+    },
+    "train": {
+        "model_dir": "the run folder (created; rerun the same command to resume)",
+        "epochs": "epochs (SRC-MT: 100)",
+        "steps_per_epoch": "0 = ceil(|D_L| / labeled_per_batch) (SRC-MT's epoch)",
+        "learning_rate": "Adam's initial learning rate (paper: 1e-4)",
+        "lr_decay": ("step: x rate after every epoch (SRC-MT); poly: (1 - e/E)^rate", ("step", "poly")),
+        "lr_decay_rate": "the decay rate (paper: 0.9)",
+        "weight_decay": "L2 coefficient (SRC-MT: 5e-4)",
+        "ema_alpha": "teacher EMA decay ceiling (SRC-MT: 0.99)",
+        "eval_with": ("network used for validation and checkpoint selection", ("student", "teacher")),
+        "strategy": ("distribution strategy", ("auto", "none", "mirrored", "multi_worker")),
+        "mixed_precision": ("precision policy", ("none", "mixed_float16", "mixed_bfloat16")),
+        "jit_compile": "XLA-compile the train step (not under MirroredStrategy on logical CPU devices)",
+        "threshold": "per-class threshold of the paper-protocol metrics (SRC-MT: 0.18)",
+        "relation_every_epochs": "relation heatmaps every N epochs",
+        "seed": "seed of the labeled subset, shuffling, augmentation and initialisation",
+    },
+}
+_SECTIONS = {"data": config_lib.DataConfig, "model": config_lib.ModelConfig, "loss": config_lib.LossConfig,
+             "train": config_lib.TrainConfig}
+
+
+def define_train_flags() -> None:
+    for section, entries in TRAIN_FLAGS.items():
+        defaults = _defaults(_SECTIONS[section])
+        for name, spec in entries.items():
+            text, enum = spec if isinstance(spec, tuple) else (spec, None)
+            _define(name, defaults[name], text, enum)
+
+
+def train_config() -> config_lib.Config:
+    parts = {}
+    for section, entries in TRAIN_FLAGS.items():
+        kwargs = {name: FLAGS[name].value for name in entries}
+        if section == "data":
+            kwargs["seed"] = FLAGS.seed
+        parts[section] = _SECTIONS[section](**kwargs)
+    return config_lib.Config(**parts)
+
+
+def define_evaluate_flags() -> None:
+    _define("model_dir", "", "the run folder of python -m stsc_tf.train")
+    _define("split", "test", "split to evaluate", ("train", "val", "test"))
+    _define("networks", "both", "which network(s)", ("student", "teacher", "both"))
+    _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+    _define("bootstrap", 200, "bootstrap resamples for the 95% intervals (0 = none)")
+    _define("data_dir", "", "records folder (default: the run's)")
+
+
+def evaluate_args() -> dict:
+    if not FLAGS.model_dir:
+        raise ConfigError("--model_dir is required")
+    which = ("student", "teacher") if FLAGS.networks == "both" else (FLAGS.networks,)
+    return dict(model_dir=FLAGS.model_dir, split=FLAGS.split, which=which, checkpoint=FLAGS.checkpoint,
+                bootstrap=FLAGS.bootstrap, data_dir=FLAGS.data_dir)

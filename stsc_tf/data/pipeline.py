@@ -123,7 +123,7 @@ def _subset(records: tf.data.Dataset, member: np.ndarray, cfg: DataConfig) -> tf
     return ds
 
 
-def _epoch_stream(subset: tf.data.Dataset, size: int, cfg: DataConfig, per_slice: int, seed: tf.Tensor,
+def _epoch_stream(subset: tf.data.Dataset, size: int, cfg: DataConfig, per_slice: int, seed: int,
                   decoded: bool) -> tf.data.Dataset:
     """One epoch's endless shuffled stream of a subset, batched per replica slice; its order depends only on seed."""
     ds = subset.shuffle(min(cfg.shuffle_buffer, size), seed=seed, reshuffle_each_iteration=True).repeat()
@@ -133,8 +133,8 @@ def _epoch_stream(subset: tf.data.Dataset, size: int, cfg: DataConfig, per_slice
 
 
 def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, steps_per_epoch: int = 0,
-                  start_epoch: int = 0) -> TrainData:
-    """The semi-supervised training stream: `steps_per_epoch` batches an epoch, endless.
+                  start_epoch: int = 0, epochs: int = 100) -> TrainData:
+    """The semi-supervised training stream: `steps_per_epoch` batches an epoch, epochs start_epoch..epochs-1.
 
     Each epoch's batches (order and augmentation draws) are a function of (seed, epoch) alone, so a run resumed at
     `start_epoch` sees exactly the batches an uninterrupted run would have seen from there on.
@@ -145,6 +145,7 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
       num_replicas: replicas the global batch is split over (each slice gets the same labeled share).
       steps_per_epoch: 0 = ceil(|D_L| / labeled_per_batch).
       start_epoch: the first epoch the stream yields (resume).
+      epochs: the stream ends after epoch `epochs - 1`.
     """
     check_batch(cfg.batch_size, cfg.labeled_per_batch, num_replicas)
     n = records.count("train")
@@ -168,15 +169,17 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
         return {"image": tf.concat([l["image"], u["image"]], 0), "label": label, "labeled": mask,
                 "index": tf.concat([l["index"], u["index"]], 0)}
 
-    def epoch(e):
-        base = tf.cast(cfg.seed, tf.int64) * 1_000_003 + 2 * e
+    def epoch(e: int) -> tf.data.Dataset:
+        base = (cfg.seed * 1_000_003 + 2 * e) % 2**31  # Python ints: shuffle refuses tensor seeds under a global seed
         lab = _epoch_stream(lab_set, int(is_labeled.sum()), cfg, per_l, base, cfg.cache)
         unl = _epoch_stream(unl_set, int(unl_member.sum()), cfg, per_u, base + 1, cfg.cache)
         ds = tf.data.Dataset.zip(lab, unl).map(compose).batch(num_replicas, drop_remainder=True)
         ds = ds.map(lambda s: {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in s.items()})
         return ds.take(steps)
 
-    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
+    ds = epoch(start_epoch)
+    for e in range(start_epoch + 1, max(epochs, start_epoch + 1)):
+        ds = ds.concatenate(epoch(e))
     ds = ds.enumerate(start=start_epoch * steps)
     ds = ds.map(lambda step, b: _two_views(step, b, cfg), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
     options = tf.data.Options()
