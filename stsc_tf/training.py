@@ -105,6 +105,12 @@ def build_model(cfg: Config, *, num_classes: int, multi_label: bool, num_train: 
                      weight_decay=t.weight_decay, eval_with=t.eval_with, class_weights=weights_by_class)
 
 
+def make_optimizer(cfg: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam with the per-epoch decay (one definition: a checkpoint's optimizer state must match it on reload)."""
+    t = cfg.train
+    return keras.optimizers.Adam(EpochDecay(t.learning_rate, steps_per_epoch, t.lr_decay_rate, t.lr_decay, t.epochs))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Callbacks.
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,9 +225,7 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200) -> dict:
     with strategy.scope():
         model = build_model(cfg, num_classes=records.num_classes, multi_label=multi_label, num_train=data.num_train,
                             steps_per_epoch=data.steps_per_epoch, weights_by_class=weights)
-        lr = EpochDecay(cfg.train.learning_rate, data.steps_per_epoch, cfg.train.lr_decay_rate, cfg.train.lr_decay,
-                        cfg.train.epochs)
-        model.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=cfg.train.jit_compile)
+        model.compile(optimizer=make_optimizer(cfg, data.steps_per_epoch), jit_compile=cfg.train.jit_compile)
 
     guard = NonFiniteGuard()
     has_val = records.count("val") > 0
@@ -273,7 +277,7 @@ def load_run(model_dir: str, checkpoint: str = "best") -> tuple[Config, dict, ST
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"))
     model = build_model(cfg, num_classes=len(run["class_names"]), multi_label=run["task"] == "multi_label",
                         num_train=run["num_train"], steps_per_epoch=run["steps_per_epoch"], weights_by_class=None)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate))
+    model.compile(optimizer=make_optimizer(cfg, run["steps_per_epoch"]))
     model.load_weights(weights_path)
     return cfg, run, model
 
