@@ -187,3 +187,8 @@ def evaluate_args() -> dict:
     which = ("student", "teacher") if FLAGS.networks == "both" else (FLAGS.networks,)
     return dict(model_dir=FLAGS.model_dir, split=FLAGS.split, which=which, checkpoint=FLAGS.checkpoint,
                 bootstrap=FLAGS.bootstrap, data_dir=FLAGS.data_dir)
+
+
+def define_reproduce_flags() -> None:
+    _define("table", 4, "which table of the paper: 4 (consistency terms) or 3 (labeled ratios)")
+    flags.register_validator("table", lambda v: v in (3, 4), message="--table must be 3 or 4")

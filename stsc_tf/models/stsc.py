@@ -27,7 +27,7 @@ from stsc_tf import losses, schedules
 from stsc_tf.config import LossConfig
 from stsc_tf.models.backbones import build_backbone
 
-MONITORS = ("loss", "sup", "cons", "sc", "tc", "lambda", "ema_decay", "tsc_edge_density", "tsc_stable_pairs",
+MONITORS = ("loss", "sup", "cons", "sc", "tc", "l2", "lambda", "ema_decay", "tsc_edge_density", "tsc_stable_pairs",
             "tsc_components")
 
 
@@ -232,7 +232,7 @@ class STSCModel(keras.Model):
         share = sup + lam * (cfg.consistency_weight_c * cons + (cfg.beta * sc + cfg.gamma * tc) / n) + l2 / n
         sup_g, cons_g = tf.unstack(self._sum_over_replicas(tf.stack([sup, cons])))
         total = sup_g + lam * (cfg.consistency_weight_c * cons_g + cfg.beta * sc + cfg.gamma * tc) + l2
-        logs = {"loss": total, "sup": sup_g, "cons": cons_g, "sc": sc, "tc": tc, "lambda": lam,
+        logs = {"loss": total, "sup": sup_g, "cons": cons_g, "sc": sc, "tc": tc, "l2": l2, "lambda": lam,
                 "tsc_edge_density": monitors["edge_density"], "tsc_stable_pairs": monitors["stable_pairs"],
                 "tsc_components": monitors["components"]}
         return share, logs, {"d_s": tf.stop_gradient(d_s), "index": index}
