@@ -192,3 +192,45 @@ def evaluate_args() -> dict:
 def define_reproduce_flags() -> None:
     _define("table", 4, "which table of the paper: 4 (consistency terms) or 3 (labeled ratios)")
     flags.register_validator("table", lambda v: v in (3, 4), message="--table must be 3 or 4")
+
+
+def define_export_flags() -> None:
+    _define("model_dir", "", "the run folder of python -m stsc_tf.train")
+    _define("export_dir", "export", "base folder; the model goes to <export_dir>/<name>/<version>/")
+    _define("name", "stsc", "model name (TF Serving's MODEL_NAME)")
+    _define("version", 1, "version number (an existing version folder is never overwritten)")
+    _define("model", "", "student or teacher (default: the run's --eval_with)")
+    _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+
+
+def export_args() -> dict:
+    if not FLAGS.model_dir:
+        raise ConfigError("--model_dir is required")
+    if FLAGS.model not in ("", "student", "teacher"):
+        raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+    return dict(model_dir=FLAGS.model_dir, export_dir=FLAGS.export_dir, name=FLAGS.name, version=FLAGS.version,
+                which=FLAGS.model, checkpoint=FLAGS.checkpoint)
+
+
+def define_explain_flags() -> None:
+    _define("model_dir", "", "the run folder of python -m stsc_tf.train")
+    _define("images", "", "gradcam: image files (comma list or glob); default: the first test images")
+    _define("out", "", "output folder (gradcam default: <model_dir>/gradcam; relations: <model_dir>/relations)")
+    _define("model", "", "student or teacher (default: the run's --eval_with)")
+    _define("class_name", "", "gradcam: explain this class (default: the predicted one)")
+    _define("layer", "", "gradcam: layer of the map (default: the relation layer)")
+    _define("plus_plus", False, "gradcam: Grad-CAM++ instead of Grad-CAM")
+    _define("num_images", 8, "gradcam: how many test images when --images is not given")
+    _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+
+
+def explain_args(command: str) -> dict:
+    if not FLAGS.model_dir:
+        raise ConfigError("--model_dir is required")
+    if command == "relations":
+        return dict(model_dir=FLAGS.model_dir, out=FLAGS.out, checkpoint=FLAGS.checkpoint)
+    if FLAGS.model not in ("", "student", "teacher"):
+        raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+    return dict(model_dir=FLAGS.model_dir, images=FLAGS.images, out=FLAGS.out or f"{FLAGS.model_dir}/gradcam",
+                which=FLAGS.model, class_name=FLAGS.class_name, layer=FLAGS.layer, plus_plus=FLAGS.plus_plus,
+                checkpoint=FLAGS.checkpoint, num_images=FLAGS.num_images)

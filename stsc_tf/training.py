@@ -7,7 +7,8 @@ The run folder (`model_dir`):
     labeled_ids.csv        the labeled subset       log.csv          per-epoch terms, monitors, val metrics
     best.weights.h5        best val AUC             last.weights.h5  end of the last epoch
     backup/                Keras BackupAndRestore (epoch-end state: weights, teacher, TSC memory, optimizer)
-    tensorboard/           every term and monitor per step, metrics per epoch
+    tensorboard/           every term and monitor per step, metrics per epoch, relation heatmaps
+    relations/             R_s, R_t of a fixed val batch every N epochs (npz, PNG) and ||R_s - R_t|| per epoch
     metrics.json / metrics.md   test metrics of student and teacher (best checkpoint), Table-1 layout
 Running the same command again after a kill continues from the last finished epoch and ends with the weights an
 uninterrupted run would have (the data stream is a function of (seed, epoch)).
@@ -243,6 +244,14 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200) -> dict:
         *extra_callbacks,
     ]
     val = eval_dataset(records, "val", cfg.data.image_size, cfg.data.batch_size) if has_val else None
+    if cfg.train.relation_every_epochs > 0:  # relation heatmaps of a fixed batch (the paper's Fig. 3)
+        from stsc_tf.explaining import RelationMonitor
+
+        split = "val" if has_val else "train"
+        fixed = next(iter(eval_dataset(records, split, cfg.data.image_size, min(32, records.count(split)))))
+        callbacks.append(RelationMonitor(fixed["image"].numpy(), os.path.join(model_dir, "relations"),
+                                         os.path.join(model_dir, "tensorboard", "relations"),
+                                         cfg.train.relation_every_epochs))
     if start_epoch < cfg.train.epochs:
         model.fit(data.dataset, epochs=cfg.train.epochs, steps_per_epoch=data.steps_per_epoch, validation_data=val,
                   callbacks=callbacks, verbose=2)

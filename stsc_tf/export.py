@@ -1,0 +1,25 @@
+"""Export a run's student or teacher as a SavedModel that TF Serving loads.
+
+    python -m stsc_tf.export --model_dir=runs/isic --export_dir=export --name=stsc --version=1 [--model=teacher]
+
+See stsc_tf/exporting.py for the signatures.
+"""
+
+from absl import app
+
+from stsc_tf import cli, flags as flags_lib
+
+
+def main(argv):
+    cli.no_extra_args(argv)
+    with cli.user_errors():
+        args = flags_lib.export_args()
+        from stsc_tf import exporting
+
+        path = exporting.export_run(**args)
+        print(f"exported to {path}\n  saved_model_cli show --dir {path} --all")
+
+
+if __name__ == "__main__":
+    flags_lib.define_export_flags()
+    app.run(main)
