@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from stsc_tf import metrics as metrics_lib
 from stsc_tf.config import Config
-from stsc_tf.data.pipeline import RecordSet, check_batch, eval_dataset, train_dataset
+from stsc_tf.data.pipeline import RecordSet, check_batch, distribute_per_worker, eval_dataset, train_dataset
 from stsc_tf.errors import ConfigError, DataError, STSCError
 from stsc_tf.models.backbones import BACKBONES
 from stsc_tf.models.stsc import MONITORS, STSCModel
@@ -89,6 +89,21 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
             raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable (see README)")
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"--strategy={name!r} is unknown; choose auto, none, mirrored or multi_worker")
+
+
+def writer_dir(model_dir: str, strategy: tf.distribute.Strategy) -> tuple[str, bool]:
+    """Where this process writes: the run folder for the chief (or a single process), else `<model_dir>/worker_<i>`.
+
+    Under MultiWorkerMirroredStrategy every worker runs the same callbacks; only the chief's files are the run's.
+    The others write to their own folder (TensorFlow's documented pattern), whose backups they resume from.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return model_dir, True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and
+                                      "chief" not in resolver.cluster_spec().as_dict())
+    return (model_dir, True) if chief else (os.path.join(model_dir, f"worker_{task_id}"), False)
 
 
 def class_weights(labels: np.ndarray) -> list[float]:
@@ -198,7 +213,7 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200) -> dict:
     records = validate(cfg, strategy.num_replicas_in_sync)
     if cfg.train.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
-    model_dir = cfg.train.model_dir
+    model_dir, is_chief = writer_dir(cfg.train.model_dir, strategy)
     os.makedirs(model_dir, exist_ok=True)
     backup_dir = os.path.join(model_dir, "backup")
     start_epoch = _resume_epoch(backup_dir)
@@ -252,8 +267,11 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200) -> dict:
         callbacks.append(RelationMonitor(fixed["image"].numpy(), os.path.join(model_dir, "relations"),
                                          os.path.join(model_dir, "tensorboard", "relations"),
                                          cfg.train.relation_every_epochs))
+    train_input = data.dataset
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        train_input = distribute_per_worker(data.dataset, strategy)
     if start_epoch < cfg.train.epochs:
-        model.fit(data.dataset, epochs=cfg.train.epochs, steps_per_epoch=data.steps_per_epoch, validation_data=val,
+        model.fit(train_input, epochs=cfg.train.epochs, steps_per_epoch=data.steps_per_epoch, validation_data=val,
                   callbacks=callbacks, verbose=2)
     if guard.message:
         raise TrainingError(guard.message)

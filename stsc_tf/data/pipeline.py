@@ -182,9 +182,7 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
         ds = ds.concatenate(epoch(e))
     ds = ds.enumerate(start=start_epoch * steps)
     ds = ds.map(lambda step, b: _two_views(step, b, cfg), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    ds = ds.with_options(options)
+    ds = ds.with_options(_data_sharding())
     table = records.table("train")
     return TrainData(ds, labeled_idx, [table["id"][i] for i in labeled_idx], n, steps)
 
@@ -216,4 +214,34 @@ def eval_dataset(records: RecordSet, split: str, image_size: int, batch_size: in
         return {"image": augment.preprocess_bytes(rec["encoded"], image_size), "label": rec["label"],
                 "id": rec["id"], "index": rec["index"]}
 
-    return ds.map(prep, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size).prefetch(AUTOTUNE)
+    ds = ds.map(prep, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size).prefetch(AUTOTUNE)
+    return ds.with_options(_data_sharding())
+
+
+def _data_sharding() -> tf.data.Options:
+    """Shard by element, not by file: a split may have fewer shard files than there are workers."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def distribute_per_worker(dataset: tf.data.Dataset, strategy: tf.distribute.Strategy):
+    """The training stream for MultiWorkerMirroredStrategy: each worker keeps its contiguous slice of every batch.
+
+    Every worker builds the same global batches (same seed, same records) and keeps rows
+    [w B/W, (w+1) B/W), handed to its local replicas in order: exactly the single-process batch, split as Keras
+    splits it on one host, so the step equals the single-process step. The price: each worker reads, decodes and
+    augments the whole global batch (W times the input work of a sharded pipeline).
+    """
+
+    def per_worker(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        w, n_workers = ctx.input_pipeline_id, ctx.num_input_pipelines
+        local = ctx.num_replicas_in_sync // n_workers
+
+        def keep(batch):
+            return {k: tf.reshape(v, tf.concat([[n_workers, local, -1], tf.shape(v)[1:]], 0))[w]
+                    for k, v in batch.items()}  # [local, b, ...]
+
+        return dataset.map(keep).unbatch()
+
+    return strategy.distribute_datasets_from_function(per_worker)

@@ -39,6 +39,18 @@ def _replica_context():
     return ctx
 
 
+def _for_keras(results: dict) -> dict:
+    """Step results as Keras' trainer can reduce them.
+
+    Under MultiWorkerMirroredStrategy Keras 3.15 reduces step results with strategy.reduce("MEAN", v, axis=0),
+    which fails on scalars; the values here are already global (identical on every replica), so a [1] tensor
+    reduces back to the same scalar.
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {k: tf.reshape(v, [1]) for k, v in results.items()}
+    return results
+
+
 @keras.saving.register_keras_serializable(package="stsc_tf")
 class STSCModel(keras.Model):
     """The STSC mean teacher.
@@ -121,6 +133,14 @@ class STSCModel(keras.Model):
         super().compile(*args, **kwargs)
         self.optimizer.build(self.student.trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skipped: every variable exists from __init__ and there is no compiled loss or metric to build.
+
+        (Keras 3.15's TF trainer would MEAN-reduce the first distributed batch here, which
+        MultiWorkerMirroredStrategy cannot do for a dict of tensors.)
+        """
+        return
+
     def call(self, images, training=False):
         """Probabilities [B, K] of the `eval_with` network. Takes images, or a batch dict ('image' or the views)."""
         if isinstance(images, dict):
@@ -179,8 +199,17 @@ class STSCModel(keras.Model):
         return None if self.class_weights is None else tf.constant(self.class_weights, tf.float32)
 
     def _gather(self, x: tf.Tensor) -> tf.Tensor:
+        """All replicas' rows, in replica order (= the global batch's order: Keras splits it in contiguous chunks)."""
         ctx = _replica_context()
-        return x if ctx is None else ctx.all_gather(x, axis=0)
+        if ctx is None:
+            return x
+        devices = tf.distribute.get_strategy().extended.worker_devices
+        if not x.device and len(devices) == 1:
+            # MultiWorkerMirroredStrategy with one device per worker places nothing in the replica function, and its
+            # gather needs a device to send to: the worker's only device.
+            with tf.device(devices[0]):
+                x = tf.identity(x)
+        return ctx.all_gather(x, axis=0)
 
     def _sum_over_replicas(self, x: tf.Tensor) -> tf.Tensor:
         ctx = _replica_context()
@@ -254,7 +283,7 @@ class STSCModel(keras.Model):
         logs["ema_decay"] = decay
         for name, value in logs.items():
             self.trackers[name].update_state(value)
-        return {name: self.trackers[name].result() for name in MONITORS}
+        return _for_keras({name: self.trackers[name].result() for name in MONITORS})
 
     def test_step(self, data):
         data = data[0] if isinstance(data, tuple) else data
@@ -265,7 +294,7 @@ class STSCModel(keras.Model):
                                       num_labeled=tf.cast(tf.shape(labels)[0], tf.float32))
         self.val_loss_tracker.update_state(loss, sample_weight=tf.cast(tf.shape(labels)[0], tf.float32))
         self.val_auc.update_state(labels, losses.probabilities(logits, self.multi_label))
-        return {"loss": self.val_loss_tracker.result(), "auc": self.val_auc.result()}
+        return _for_keras({"loss": self.val_loss_tracker.result(), "auc": self.val_auc.result()})
 
     def predict_step(self, data):
         images = data["image"] if isinstance(data, dict) else data
