@@ -9,13 +9,14 @@ Prints progress and a summary (written / skipped / per class / per split). See s
 from absl import app
 
 from stsc_tf import cli, flags as flags_lib
-from stsc_tf.data import convert as convert_lib
 
 
 def main(argv):
     cli.no_extra_args(argv)
-    cfg = flags_lib.convert_config()
     with cli.user_errors():
+        cfg = flags_lib.convert_config()
+        from stsc_tf.data import convert as convert_lib  # imported here: worker processes re-import this module
+
         convert_lib.convert(cfg)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -23,6 +22,7 @@ import numpy as np
 
 from stsc_tf.config import ConvertConfig
 from stsc_tf.data import features
+from stsc_tf.data.images import encode_task, validate_image
 from stsc_tf.data.sources import Row, Source, load_source
 from stsc_tf.data.splits import DEFAULT_RATIOS, read_split_dir, stratified_group_split
 from stsc_tf.errors import DataError
@@ -32,106 +32,46 @@ TMP_SUFFIX = ".incomplete"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Images: decode, validate, re-encode (Python + PIL, in worker processes; this is offline work).
+# Shards and the worker pool (image decoding and validation live in images.py, which imports no TensorFlow, so the
+# validation workers start fast).
 # ----------------------------------------------------------------------------------------------------------------
-def _to_8bit(im):
-    """Grayscale stays one channel (decoded to 3 at read time); 16-bit is scaled to 8; alpha is dropped."""
-    from PIL import Image
-
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
-    if im.mode in ("L", "RGB"):
-        return im
-    if im.mode == "LA":
-        return im.convert("L")
-    return im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA", "RGBA") else im.convert("RGB")
-
-
-def encode_image(path: str, image_size: int) -> tuple[bytes, str, int, int]:
-    """Reads and fully decodes `path`; returns (bytes, 'jpeg'|'png', height, width) of what is stored.
-
-    With image_size == 0 the original bytes are kept (a JPEG or PNG; other formats are re-encoded as PNG).
-    Otherwise the shorter side is scaled down to image_size (never up) and the image re-encoded in its format.
-    Raises OSError / ValueError for a missing, truncated or corrupt file.
-    """
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        raw = f.read()
-    im = Image.open(io.BytesIO(raw))
-    fmt = {"JPEG": "jpeg", "PNG": "png"}.get(im.format or "", "")
-    if image_size and fmt == "jpeg":
-        im.draft("RGB" if im.mode != "L" else "L", (image_size, image_size))  # DCT scaling: a cheaper decode
-    im.load()  # raises on truncated / corrupt data
-    if image_size == 0 and fmt:
-        return raw, fmt, im.height, im.width
-    im = _to_8bit(im)
-    if image_size and min(im.size) > image_size:
-        scale = image_size / min(im.size)
-        new = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-        im = im.resize(new, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    out = io.BytesIO()
-    fmt = fmt or "png"
-    if fmt == "jpeg":
-        im.save(out, format="JPEG", quality=95)
-    else:
-        im.save(out, format="PNG", compress_level=1)
-    return out.getvalue(), fmt, im.height, im.width
-
-
-def _validate_one(args) -> tuple[int, str | None]:
-    i, path = args
-    if path is None:
-        return i, "missing image file"
-    try:
-        encode_image(path, image_size=0)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return i, f"corrupt or truncated image ({type(e).__name__}: {e})"
-    return i, None
-
-
-def _write_shard(args) -> dict:
-    """Writes one shard under a temporary name, renames it, returns its manifest entry."""
-    import tensorflow as tf
-
-    out_dir, name, records, image_size = args
-    tmp = os.path.join(out_dir, name + TMP_SUFFIX)
-    digest = hashlib.sha256()
-    with tf.io.TFRecordWriter(tmp) as writer:
-        for index, row_id, path, label, group in records:
-            encoded, fmt, h, w = encode_image(path, image_size)
-            writer.write(features.make_example(encoded=encoded, fmt=fmt, image_id=row_id, height=h, width=w,
-                                               label=label, group=group, index=index))
-    with open(tmp, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    os.replace(tmp, os.path.join(out_dir, name))
-    return {"file": name, "records": len(records), "sha256": digest.hexdigest(),
-            "bytes": os.path.getsize(os.path.join(out_dir, name))}
-
-
-def _pool_map(fn, tasks, workers: int, what: str):
-    """Maps in `workers` spawned processes (TF is not fork-safe), logging progress about every 10%."""
-    results, total, t0 = [], len(tasks), time.time()
+def _imap(fn, tasks, pool, what: str):
+    """fn over tasks, in order, in `pool` (or here when None); logs progress about every 10%."""
+    total, t0 = len(tasks), time.time()
     step = max(1, total // 10)
-
-    def report(done):
+    if pool is None or total <= 1:
+        mapped = map(fn, tasks)
+    else:
+        mapped = pool.imap(fn, tasks, chunksize=max(1, min(16, total // (8 * pool._processes))))
+    for done, r in enumerate(mapped, start=1):
+        yield r
         if done % step == 0 or done == total:
             log.info("%s: %d/%d (%.1f/s)", what, done, total, done / max(time.time() - t0, 1e-9))
 
-    if workers <= 1 or total <= 1:
-        for done, t in enumerate(tasks, start=1):
-            results.append(fn(t))
-            report(done)
-        return results
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, total)) as pool:
-        for done, r in enumerate(pool.imap(fn, tasks, chunksize=max(1, min(32, total // (8 * workers)))), 1):
-            results.append(r)
-            report(done)
-    return results
+
+def _write_shards(shards: list[tuple[str, list]], out_dir: str, image_size: int, pool) -> list[dict]:
+    """Workers decode and re-encode images (PIL); this process writes each shard under a temporary name, hashes it
+    and renames it. Returns the manifest entries in shard order."""
+    import tensorflow as tf
+
+    encoded = _imap(encode_task, [(r[2], image_size) for _, records in shards for r in records], pool,
+                    "written images")
+    entries = []
+    for name, records in shards:
+        tmp = os.path.join(out_dir, name + TMP_SUFFIX)
+        digest = hashlib.sha256()
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for index, row_id, _, label, group in records:
+                data, fmt, h, w = next(encoded)
+                writer.write(features.make_example(encoded=data, fmt=fmt, image_id=row_id, height=h, width=w,
+                                                   label=label, group=group, index=index))
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        os.replace(tmp, os.path.join(out_dir, name))
+        entries.append({"file": name, "records": len(records), "sha256": digest.hexdigest(),
+                        "bytes": os.path.getsize(os.path.join(out_dir, name))})
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,13 +231,22 @@ def convert(cfg: ConvertConfig) -> dict:
     prepare_output_dir(out_dir, cfg.overwrite)
     for note in source.notes:
         log.info("%s", note)
+    # One pool of spawned workers for both stages; they decode and encode images with PIL and never import TF.
+    pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        return _convert(cfg, source, out_dir, pool, t0)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool, t0: float) -> dict:
     rows = source.rows if (cfg.split == "official" or cfg.split_dir) else source.random_rows()
     log.info("%s: %d rows in the tables (%d skipped)", source.dataset, len(rows), len(source.skipped))
-
-    # Decode every image once, in parallel, before anything is written.
     skipped = list(source.skipped)
-    problems = [(i, why) for i, why in _pool_map(_validate_one, [(i, r.path) for i, r in enumerate(rows)],
-                                                   cfg.workers, "checked images") if why]
+    # Decode every image once, in parallel, before anything is written.
+    problems = [(i, why) for i, why in _imap(validate_image, [(i, r.path) for i, r in enumerate(rows)], pool,
+                                               "checked images") if why]
     if problems and cfg.on_error == "fail":
         lines = [f"{rows[i].id} ({rows[i].path or 'expected under ' + source.source_dir}): {why}"
                  for i, why in problems[:5]]
@@ -323,14 +272,14 @@ def convert(cfg: ConvertConfig) -> dict:
         for s in range(n_shards):
             chunk = [(j, members[j].id, members[j].path, members[j].label, members[j].group)
                      for j in range(bounds[s], bounds[s + 1])]
-            tasks.append((out_dir, features.shard_name(split, s, n_shards), chunk, cfg.image_size))
+            tasks.append((features.shard_name(split, s, n_shards), chunk))
         counts = np.sum([r.label for r in members], axis=0)
         manifest_splits[split] = {"count": len(members), "groups": len({r.group for r in members}),
                                   "class_counts": {c: int(n) for c, n in zip(source.class_names, counts)},
                                   "shards": []}
         tables[split] = members
 
-    for entry in _pool_map(_write_shard, tasks, cfg.workers, "written shards"):
+    for entry in _write_shards(tasks, out_dir, cfg.image_size, pool):
         split = entry["file"].split("-", 1)[0]
         manifest_splits[split]["shards"].append(entry)
     for split, members in tables.items():
