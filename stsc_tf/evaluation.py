@@ -7,10 +7,9 @@ import os
 
 import numpy as np
 
-from stsc_tf import metrics as metrics_lib
 from stsc_tf.data.pipeline import RecordSet
 from stsc_tf.errors import ConfigError, DataError
-from stsc_tf.training import load_run, predict_split, write_metrics
+from stsc_tf.training import evaluate_networks, load_run, write_metrics
 
 log = logging.getLogger("stsc_tf.evaluate")
 
@@ -46,15 +45,11 @@ def evaluate_run(model_dir: str, split: str = "test", which=("student", "teacher
         raise ConfigError(f"--data_dir: {e}") from None
     if records.count(split) == 0:
         raise ConfigError(f"--split={split!r}: the records in {records.data_dir} have no such split")
-    results = {}
-    for name in which:
-        network = model.student if name == "student" else model.teacher
-        _, y, p = predict_split(network, records, split, cfg.data.image_size, cfg.data.batch_size, model.multi_label)
-        results[name] = metrics_lib.evaluate_predictions(y, p, multi_label=model.multi_label,
-                                                         threshold=cfg.train.threshold, bootstrap=bootstrap,
-                                                         seed=cfg.train.seed)
+    def draw_roc(name, y, p):
         roc_figure(y, p, records.class_names, f"{name}, {split} split",
                    os.path.join(model_dir, f"roc_{split}_{name}.png"))
+
+    results = evaluate_networks(model, records, split, cfg, which, bootstrap, on_predictions=draw_roc)
     table = write_metrics(model_dir, split, results, cfg.data.labeled_ratio, prefix=f"eval_{split}")
     print(table)
     for name, r in results.items():

@@ -32,7 +32,7 @@ from stsc_tf.config import Config
 from stsc_tf.data.pipeline import RecordSet, check_batch, distribute_per_worker, eval_dataset, train_dataset
 from stsc_tf.errors import ConfigError, DataError, STSCError
 from stsc_tf.models.backbones import BACKBONES
-from stsc_tf.models.stsc import MONITORS, STSCModel
+from stsc_tf.models.stsc import STSCModel
 from stsc_tf.schedules import EpochDecay
 
 log = logging.getLogger("stsc_tf.train")
@@ -181,7 +181,8 @@ def predict_split(network: keras.Model, records: RecordSet, split: str, image_si
 
 
 def evaluate_networks(model: STSCModel, records: RecordSet, split: str, cfg: Config, which=("student", "teacher"),
-                      bootstrap: int = 200) -> dict:
+                      bootstrap: int = 200, on_predictions=None) -> dict:
+    """Metrics of each network on a split; `on_predictions(name, labels, probabilities)` sees the raw predictions."""
     results = {}
     for name in which:
         network = model.student if name == "student" else model.teacher
@@ -189,6 +190,8 @@ def evaluate_networks(model: STSCModel, records: RecordSet, split: str, cfg: Con
         results[name] = metrics_lib.evaluate_predictions(y, p, multi_label=model.multi_label,
                                                          threshold=cfg.train.threshold, bootstrap=bootstrap,
                                                          seed=cfg.train.seed)
+        if on_predictions is not None:
+            on_predictions(name, y, p)
     return results
 
 

@@ -1,7 +1,6 @@
 """The converter: round trips, the real samples, atomicity, verification and every bad input of the data issue."""
 
 import csv
-import io
 import json
 import os
 import shutil
