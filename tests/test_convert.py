@@ -269,7 +269,7 @@ def test_split_dir_import_and_overlapping_files(synth_isic_raw, tmp_path):
         run_convert(tmp_path, synth_isic_raw, name="a", split_dir=str(tmp_path / "alien"))
 
 
-def test_official_split_lists(tmp_path):
+def test_official_split_lists(tmp_path, isic_dir):
     from stsc_tf.data import synthetic
 
     raw = synthetic.write_chestxray14(str(tmp_path / "raw"), num_images=60, image_size=32, seed=1)
@@ -282,7 +282,7 @@ def test_official_split_lists(tmp_path):
     with pytest.raises(DataError, match="in both split lists"):
         run_convert(tmp_path, raw, dataset="chestxray14", split="official", name="bad")
     with pytest.raises(DataError, match="no official split files"):
-        run_convert(tmp_path, ROOT.parent / "shared" / "data" / "isic2018", split="official", name="isic")
+        run_convert(tmp_path, isic_dir, split="official", name="isic")
 
 
 # ------------------------------------------------------------------------------------------------ image kinds
