@@ -143,3 +143,16 @@ def test_reproduce_table4_runs_eight_combinations(synth_isic_records, tmp_path):
     assert len([d for d in out.iterdir() if d.is_dir()]) == 8
     cfg = json.loads((out / "c1_sc0_tc1" / "config.json").read_text())
     assert cfg["loss"]["beta"] == 0 and cfg["loss"]["gamma"] == 1 and cfg["loss"]["consistency_weight_c"] == 1
+
+
+def test_non_finite_guard_names_the_term_and_stops():
+    from stsc_tf.training import NonFiniteGuard
+
+    guard = NonFiniteGuard()
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd")
+    guard.set_model(model)
+    guard.on_train_batch_end(0, {"sup": 0.5, "tc": 0.1})
+    assert guard.message is None and not model.stop_training
+    guard.on_train_batch_end(1, {"sup": 0.5, "tc": float("nan"), "sc": float("inf")})
+    assert model.stop_training and "non-finite tc, sc" in guard.message
