@@ -158,6 +158,7 @@ def test_keras_file_round_trip_reproduces_predictions(tmp_path, initial_weights)
     model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
     assert isinstance(loaded, STSCModel) and loaded.get_config() == model.get_config()
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 1  # compiled, state restored
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
     np.testing.assert_array_equal(loaded.tsc_memory.numpy(), model.tsc_memory.numpy())
     probs = model.predict(images, verbose=0)

@@ -21,7 +21,7 @@ from stsc_tf.errors import ConfigError
 
 def _tiny(image_size: int, weights, sync_bn: bool) -> keras.Model:
     """A few conv layers for tests and quick runs: conv-BN-ReLU x3, 8 -> 16 -> 32 channels, S/4 resolution."""
-    x = inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs = keras.Input((image_size, image_size, 3))
     for i, filters in enumerate((8, 16, 32)):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = keras.layers.BatchNormalization(synchronized=sync_bn, name=f"bn{i}")(x)

@@ -133,6 +133,10 @@ class STSCModel(keras.Model):
         super().compile(*args, **kwargs)
         self.optimizer.build(self.student.trainable_variables)
 
+    def compile_from_config(self, config):
+        """Re-compiles a loaded model (through the `compile` above, so the optimizer's slots match the checkpoint)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Skipped: every variable exists from __init__ and there is no compiled loss or metric to build.
 
