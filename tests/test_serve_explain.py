@@ -18,7 +18,7 @@ from stsc_tf.errors import ConfigError
 from stsc_tf import explaining, exporting
 from stsc_tf.training import load_run, run_training
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, shared
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -43,11 +43,9 @@ def trained(tmp_path_factory):
 
 
 def _real_images():
-    jpg = SHARED_DATA / "isic2018" / "ISIC2018_Task3_Training_Input" / "ISIC_0024306.jpg"
-    png = SHARED_DATA / "chestxray14" / "images"
-    if not jpg.exists() or not png.exists():
-        pytest.skip("real sample data not found under ../shared/data (CI always has it)")
-    return [str(jpg), str(sorted(png.glob("*.png"))[0])]
+    """A real ISIC JPEG and a real ChestX-ray14 PNG from ../shared/data."""
+    jpg = shared("isic2018") / "ISIC2018_Task3_Training_Input" / "ISIC_0024306.jpg"
+    return [str(jpg), str(sorted((shared("chestxray14") / "images").glob("*.png"))[0])]
 
 
 # ------------------------------------------------------------------------------------------------ export

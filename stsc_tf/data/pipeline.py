@@ -58,7 +58,7 @@ class RecordSet:
         return int(self.manifest["splits"][split]["count"]) if split in self.manifest["splits"] else 0
 
     def table(self, split: str) -> pd.DataFrame:
-        """The split's CSV (id, index, group, labels), in index order, with a [K] label matrix in `.attrs`."""
+        """The split's CSV (id, index, group, labels), in index order."""
         table = pd.read_csv(os.path.join(self.data_dir, f"{split}.csv"), dtype={"id": str, "group": str},
                             keep_default_na=False).sort_values("index").reset_index(drop=True)
         return table
