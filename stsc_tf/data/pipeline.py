@@ -110,25 +110,28 @@ def _records(files: list[str], num_classes: int, deterministic: bool) -> tf.data
 def _decoded(rec: dict, image_size: int) -> dict:
     """Decode + resize to the training size, kept as uint8 so a cache holds 1 byte a pixel."""
     decoded = augment.decode_at_least(rec["encoded"], rec["format"], rec["height"], rec["width"], image_size)
-    image = tf.cast(tf.round(augment.resize(decoded, image_size)), tf.uint8)
+    image = tf.cast(tf.round(augment.resize_for_training(decoded, image_size)), tf.uint8)
     return {"image": image, "label": rec["label"], "index": rec["index"]}
 
 
-def _subset(records: tf.data.Dataset, member: np.ndarray, cfg: DataConfig) -> tf.data.Dataset:
+def _subset(records: tf.data.Dataset, member: np.ndarray, cfg: DataConfig, decode) -> tf.data.Dataset:
     """The records of one subset (D_L or D_U); decoded and cached in memory when `cfg.cache`."""
     member_t = tf.constant(member)
     ds = records.filter(lambda r: tf.gather(member_t, r["index"]))
     if cfg.cache:
-        ds = ds.map(lambda r: _decoded(r, cfg.image_size), num_parallel_calls=AUTOTUNE).cache()
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE).cache()
     return ds
 
 
 def _epoch_stream(subset: tf.data.Dataset, size: int, cfg: DataConfig, per_slice: int, seed: int,
-                  decoded: bool) -> tf.data.Dataset:
-    """One epoch's endless shuffled stream of a subset, batched per replica slice; its order depends only on seed."""
+                  decode) -> tf.data.Dataset:
+    """One epoch's endless shuffled stream of a subset, batched per replica slice; its order depends only on seed.
+
+    `decode` is None when the subset is already decoded (cached), else a traced-once tf.function.
+    """
     ds = subset.shuffle(min(cfg.shuffle_buffer, size), seed=seed, reshuffle_each_iteration=True).repeat()
-    if not decoded:
-        ds = ds.map(lambda r: _decoded(r, cfg.image_size), num_parallel_calls=AUTOTUNE)
+    if decode is not None:
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
     return ds.batch(per_slice, drop_remainder=True)
 
 
@@ -159,9 +162,12 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
     per_l = cfg.labeled_per_batch // num_replicas
     per_u = (cfg.batch_size - cfg.labeled_per_batch) // num_replicas
     recs = _records(records.files("train"), records.num_classes, deterministic=True)
+    # Traced once: every epoch's stream calls it (a plain lambda would be re-traced for each of the epochs).
+    decode = tf.function(lambda r: _decoded(r, cfg.image_size), input_signature=[recs.element_spec])
     # With every sample labeled (ratio 1, the upper baseline) the second stream draws from D_L as well.
     unl_member = ~is_labeled if has_unlabeled else is_labeled
-    lab_set, unl_set = _subset(recs, is_labeled, cfg), _subset(recs, unl_member, cfg)
+    lab_set, unl_set = _subset(recs, is_labeled, cfg, decode), _subset(recs, unl_member, cfg, decode)
+    stream_decode = None if cfg.cache else decode
 
     def compose(l, u):  # one replica slice: labeled first, then unlabeled
         mask = tf.concat([tf.ones([per_l]), tf.fill([per_u], 0.0 if has_unlabeled else 1.0)], 0)  # [b] 1 = labeled
@@ -171,8 +177,8 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
 
     def epoch(e: int) -> tf.data.Dataset:
         base = (cfg.seed * 1_000_003 + 2 * e) % 2**31  # Python ints: shuffle refuses tensor seeds under a global seed
-        lab = _epoch_stream(lab_set, int(is_labeled.sum()), cfg, per_l, base, cfg.cache)
-        unl = _epoch_stream(unl_set, int(unl_member.sum()), cfg, per_u, base + 1, cfg.cache)
+        lab = _epoch_stream(lab_set, int(is_labeled.sum()), cfg, per_l, base, stream_decode)
+        unl = _epoch_stream(unl_set, int(unl_member.sum()), cfg, per_u, base + 1, stream_decode)
         ds = tf.data.Dataset.zip(lab, unl).map(compose).batch(num_replicas, drop_remainder=True)
         ds = ds.map(lambda s: {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in s.items()})
         return ds.take(steps)
