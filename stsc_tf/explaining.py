@@ -20,7 +20,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from stsc_tf.config import IMAGENET_MEAN, IMAGENET_STD
 from stsc_tf.data import augment
 from stsc_tf.errors import ConfigError
 
@@ -137,7 +136,7 @@ def gradcam_run(model_dir: str, images: str, out: str, which: str = "", class_na
 
         batch = next(iter(eval_dataset(RecordSet.open(run["data_dir"]), "test", cfg.data.image_size, num_images)))
         inputs = batch["image"].numpy()
-        pixels = inputs * np.array(IMAGENET_STD) * 255.0 + np.array(IMAGENET_MEAN) * 255.0  # undo normalize
+        pixels = augment.denormalize(inputs).numpy()
         paths = [i.decode() for i in batch["id"].numpy()]
     _, logits = network(inputs, training=False)
     if class_name:

@@ -64,6 +64,11 @@ def normalize(pixels: tf.Tensor) -> tf.Tensor:
     return (tf.cast(pixels, tf.float32) - mean) / std
 
 
+def denormalize(inputs):
+    """The inverse of `normalize`: model inputs -> pixels 0..255 (for display)."""
+    return inputs * (tf.constant(IMAGENET_STD, tf.float32) * 255.0) + tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
+
+
 def eval_preprocess(pixels: tf.Tensor, image_size: int) -> tf.Tensor:
     """THE evaluation preprocessing (resize + normalize), shared by evaluation, training's eval and serving.
 

@@ -35,33 +35,33 @@ TMP_SUFFIX = ".incomplete"
 # Shards and the worker pool (image decoding and validation live in images.py, which imports no TensorFlow, so the
 # validation workers start fast).
 # ----------------------------------------------------------------------------------------------------------------
-def _imap(fn, tasks, pool, what: str):
-    """fn over tasks, in order, in `pool` (or here when None); logs progress about every 10%."""
+def _imap(fn, tasks, pool, workers: int, what: str):
+    """fn over tasks, in order, in `pool` of `workers` (or here when None); logs progress about every 10%."""
     total, t0 = len(tasks), time.time()
     step = max(1, total // 10)
     if pool is None or total <= 1:
         mapped = map(fn, tasks)
     else:
-        mapped = pool.imap(fn, tasks, chunksize=max(1, min(16, total // (8 * pool._processes))))
+        mapped = pool.imap(fn, tasks, chunksize=max(1, min(16, total // (8 * workers))))
     for done, r in enumerate(mapped, start=1):
         yield r
         if done % step == 0 or done == total:
             log.info("%s: %d/%d (%.1f/s)", what, done, total, done / max(time.time() - t0, 1e-9))
 
 
-def _write_shards(shards: list[tuple[str, list]], out_dir: str, image_size: int, pool) -> list[dict]:
-    """Workers decode and re-encode images (PIL); this process writes each shard under a temporary name, hashes it
-    and renames it. Returns the manifest entries in shard order."""
+def _write_shards(shards: list[tuple[str, list]], out_dir: str, image_size: int, pool, workers: int) -> list[dict]:
+    """Workers re-encode images (PIL), or only read them when the original bytes are kept; this process writes each
+    shard under a temporary name, hashes it and renames it. Returns the manifest entries in shard order."""
     import tensorflow as tf
 
-    encoded = _imap(encode_task, [(r[2], image_size) for _, records in shards for r in records], pool,
-                    "written images")
+    encoded = _imap(encode_task, [(r[2], image_size, r[5]) for _, records in shards for r in records], pool,
+                    workers, "written images")
     entries = []
     for name, records in shards:
         tmp = os.path.join(out_dir, name + TMP_SUFFIX)
         digest = hashlib.sha256()
         with tf.io.TFRecordWriter(tmp) as writer:
-            for index, row_id, _, label, group in records:
+            for index, row_id, _, label, group, _ in records:
                 data, fmt, h, w = next(encoded)
                 writer.write(features.make_example(encoded=data, fmt=fmt, image_id=row_id, height=h, width=w,
                                                    label=label, group=group, index=index))
@@ -245,15 +245,16 @@ def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool, t0: float) 
     log.info("%s: %d rows in the tables (%d skipped)", source.dataset, len(rows), len(source.skipped))
     skipped = list(source.skipped)
     # Decode every image once, in parallel, before anything is written.
-    problems = [(i, why) for i, why in _imap(validate_image, [(i, r.path) for i, r in enumerate(rows)], pool,
-                                               "checked images") if why]
+    checked = list(_imap(validate_image, [(i, r.path) for i, r in enumerate(rows)], pool, cfg.workers,
+                         "checked images"))
+    problems = [(i, why) for i, why, _ in checked if why]
     if problems and cfg.on_error == "fail":
         lines = [f"{rows[i].id} ({rows[i].path or 'expected under ' + source.source_dir}): {why}"
                  for i, why in problems[:5]]
         raise DataError(f"{len(problems)} bad image(s) (pass --on_error=skip to skip them):\n  " + "\n  ".join(lines))
-    bad = {i for i, _ in problems}
     skipped += [(f"{rows[i].id} ({rows[i].path})", why) for i, why in problems]
-    rows = [r for i, r in enumerate(rows) if i not in bad]
+    known = {r.id: meta for r, (_, why, meta) in zip(rows, checked) if not why}  # id -> (format, height, width)
+    rows = [r for r in rows if r.id in known]
     if not rows:
         raise DataError(f"{source.source_dir}: every image was skipped")
 
@@ -270,7 +271,7 @@ def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool, t0: float) 
         n_shards = min(len(members), max(1, round(cfg.num_shards * len(members) / n_train)))
         bounds = np.linspace(0, len(members), n_shards + 1).astype(int)
         for s in range(n_shards):
-            chunk = [(j, members[j].id, members[j].path, members[j].label, members[j].group)
+            chunk = [(j, members[j].id, members[j].path, members[j].label, members[j].group, known[members[j].id])
                      for j in range(bounds[s], bounds[s + 1])]
             tasks.append((features.shard_name(split, s, n_shards), chunk))
         counts = np.sum([r.label for r in members], axis=0)
@@ -279,7 +280,7 @@ def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool, t0: float) 
                                   "shards": []}
         tables[split] = members
 
-    for entry in _write_shards(tasks, out_dir, cfg.image_size, pool):
+    for entry in _write_shards(tasks, out_dir, cfg.image_size, pool, cfg.workers):
         split = entry["file"].split("-", 1)[0]
         manifest_splits[split]["shards"].append(entry)
     for split, members in tables.items():

@@ -7,6 +7,8 @@ import io
 
 import numpy as np
 
+FORMATS = {"JPEG": "jpeg", "PNG": "png"}  # PIL format -> image/format; anything else is stored re-encoded as PNG
+
 
 def _to_8bit(im):
     """Grayscale stays one channel (decoded to 3 at read time); 16-bit is scaled to 8; alpha is dropped."""
@@ -35,7 +37,7 @@ def encode_image(path: str, image_size: int) -> tuple[bytes, str, int, int]:
     with open(path, "rb") as f:
         raw = f.read()
     im = Image.open(io.BytesIO(raw))
-    fmt = {"JPEG": "jpeg", "PNG": "png"}.get(im.format or "", "")
+    fmt = FORMATS.get(im.format or "", "")
     if image_size and fmt == "jpeg":
         im.draft("RGB" if im.mode != "L" else "L", (image_size, image_size))  # DCT scaling: a cheaper decode
     im.load()  # raises on truncated / corrupt data
@@ -55,20 +57,33 @@ def encode_image(path: str, image_size: int) -> tuple[bytes, str, int, int]:
     return out.getvalue(), fmt, im.height, im.width
 
 
-def validate_image(args) -> tuple[int, str | None]:
+def validate_image(args) -> tuple[int, str | None, tuple | None]:
+    """(i, path) -> (i, why it is bad or None, (format, height, width) of a good JPEG/PNG kept as is, else None)."""
     i, path = args
     if path is None:
-        return i, "missing image file"
+        return i, "missing image file", None
+    from PIL import Image
+
     try:
-        encode_image(path, image_size=0)
+        with Image.open(path) as im:
+            fmt = FORMATS.get(im.format or "", "")
+            im.load()  # a full decode: raises on truncated / corrupt data
+            size = (im.height, im.width)
+        if not fmt:  # stored re-encoded as PNG: check that conversion too
+            encode_image(path, image_size=0)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return i, f"corrupt or truncated image ({type(e).__name__}: {e})"
-    return i, None
-
-
+        return i, f"corrupt or truncated image ({type(e).__name__}: {e})", None
+    return i, None, ((fmt, *size) if fmt else None)
 
 
 def encode_task(args) -> tuple[bytes, str, int, int]:
-    """(path, image_size) -> encode_image(path, image_size): a worker task (picklable, TF-free module)."""
-    path, image_size = args
+    """(path, image_size, known) -> what is stored: a worker task (picklable, TF-free module).
+
+    `known` = (format, height, width) from `validate_image` when the original bytes are kept (image_size 0):
+    the image was decoded once already, so it is only read, not decoded again.
+    """
+    path, image_size, known = args
+    if image_size == 0 and known is not None:
+        with open(path, "rb") as f:
+            return (f.read(), *known)
     return encode_image(path, image_size)

@@ -63,9 +63,9 @@ class RecordSet:
                             keep_default_na=False).sort_values("index").reset_index(drop=True)
         return table
 
-    def labels(self, split: str) -> np.ndarray:
-        """[N, K] labels of a split in index order, from its CSV (no image is read)."""
-        table = self.table(split)
+    def labels(self, split: str, table: pd.DataFrame | None = None) -> np.ndarray:
+        """[N, K] labels of a split in index order, from its CSV (or the `table` already read; no image is read)."""
+        table = self.table(split) if table is None else table
         out = np.zeros((len(table), self.num_classes), np.float32)
         for i, names in enumerate(table["labels"]):
             for n in filter(None, str(names).split("|")):
@@ -154,7 +154,8 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
     n = records.count("train")
     if n == 0:
         raise DataError(f"{records.data_dir}: the train split is empty")
-    labeled_idx = labeled_subset(records.labels("train"), cfg.labeled_ratio, cfg.seed)
+    table = records.table("train")
+    labeled_idx = labeled_subset(records.labels("train", table), cfg.labeled_ratio, cfg.seed)
     is_labeled = np.zeros(n, bool)
     is_labeled[labeled_idx] = True
     has_unlabeled = not is_labeled.all()
@@ -189,7 +190,6 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
     ds = ds.enumerate(start=start_epoch * steps)
     ds = ds.map(lambda step, b: _two_views(step, b, cfg), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
     ds = ds.with_options(_data_sharding())
-    table = records.table("train")
     return TrainData(ds, labeled_idx, [table["id"][i] for i in labeled_idx], n, steps)
 
 
