@@ -11,8 +11,14 @@ import dataclasses
 import json
 from typing import Any
 
+from stsc_tf.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / SRC-MT normalisation, in [0, 1] pixel units
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Images above this many pixels are refused before they are decoded (converter, predict, explain, serving): a
+# 40-megapixel image needs about 0.5 GB to decode and resize, and a small PNG can declare 16000 x 16000 (3.6 GB).
+# 40 MP covers dermoscopy (up to 6000 x 6000), radiographs and mammograms; each command has a flag to change it.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +35,9 @@ class DataConfig:
       hflip: SRC-MT's RandomHorizontalFlip.
       shuffle_buffer: tf.data shuffle buffer (records, not batches).
       cache: keep decoded, resized uint8 images in memory (small datasets only).
+      labeled_ids: '+'-separated CSV files whose `id` column lists the labeled train images (and, optionally, a
+        `labels` column of '|'-separated class names that replaces the records' labels); overrides labeled_ratio.
+        The files `python -m stsc_tf.suggest` feeds back: `runs/r0/labeled_ids.csv+newly_labeled.csv`.
       seed: seeds the labeled-subset choice, shuffling and augmentation draws.
     """
 
@@ -42,6 +51,7 @@ class DataConfig:
     hflip: bool = True
     shuffle_buffer: int = 2048
     cache: bool = False
+    labeled_ids: str = ""
     seed: int = 0
 
 
@@ -50,13 +60,15 @@ class ModelConfig:
     """The network.
 
     Attributes:
-      backbone: a name from `stsc_tf.models.backbones.BACKBONES`.
+      backbone: a registered backbone name (`stsc_tf.models.registered_backbones()`) or `package.module:function`.
       weights: 'imagenet', 'none', or a path to a weights file for the backbone.
       relation_layer: name of the layer whose output is the relation feature map; '' = the last feature map
         after its activation (the backbone's default).
       dropout: dropout before the classifier (SRC-MT: 0.2 after pooling).
-      relation_features: 'flatten' (paper: D^l = F^l reshaped) or 'avg' (SRC-MT: globally pooled).
-      sync_bn: synchronise BatchNorm statistics across replicas.
+      relation_features: 'flatten' (paper: D^l = F^l reshaped), 'avg' (SRC-MT: the pooled features after the
+        classifier's dropout), or 'avg_before_dropout' (the pooled features, no dropout).
+      sync_bn: synchronise BatchNorm statistics across replicas (Keras' synchronized layer).
+      fused_bn: TensorFlow's fused BatchNorm kernel (numerically Keras' layer, about half the step time on CPU).
     """
 
     backbone: str = "densenet121"
@@ -65,6 +77,7 @@ class ModelConfig:
     dropout: float = 0.2
     relation_features: str = "flatten"
     sync_bn: bool = False
+    fused_bn: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +87,14 @@ class LossConfig:
     Attributes:
       consistency: lambda_max, the weight of the unsupervised objective L_u (eq. 7). SRC-MT: 1.
       consistency_rampup: ramp length L in epochs of lambda(e) = lambda_max exp(-5 (1 - e/L)^2). SRC-MT: 30.
-      consistency_start_epoch: lambda is 0 before this epoch. SRC-MT: 20.
+      consistency_start_epoch: the consistency terms are on once the whole epoch index e (0-based) is > this,
+        i.e. after start + 1 finished epochs; SRC-MT's `if epoch > 20`. -1 = from the first step.
       consistency_weight_c: weight of L_c inside L_u (paper: 1).
       beta: weight of L_sc (paper: 1).
       gamma: weight of L_tc (paper: 1).
-      class_weighted_consistency: weight the L_c squared error per class by 10000 / class count (SRC-MT option).
-      class_weighted_supervised: weight the supervised loss per class by inverse frequency.
+      class_weighted_consistency: weight the L_c squared error per class by 10000 / class count (SRC-MT).
+      class_weighted_supervised: weight L_s per class by 10000 / class count (SRC-MT's weighted CE; normalised by
+        the sum of the weights, PyTorch's `CrossEntropyLoss(weight=...)`). The counts are the labeled subset's.
       tsc_start_epoch: TSC is on from this epoch (the paper's "late training stage").
       tsc_tau: the edge threshold. With tsc_tau_mode='relative' (default) the threshold is tsc_tau / sqrt(B),
         so the graph means the same thing at any global batch size; 'absolute' uses tsc_tau as is (eq. 5).
@@ -112,6 +127,7 @@ class TrainConfig:
       epochs: SRC-MT: 100.
       steps_per_epoch: 0 = ceil(|D_L| / labeled_per_batch) (SRC-MT's meaning of an epoch).
       learning_rate: Adam's initial rate (paper: 1e-4).
+      adam_epsilon: Adam's epsilon (PyTorch's default 1e-8, SRC-MT's; Keras' own default is 1e-7).
       lr_decay: 'step' (x lr_decay_rate after every epoch, SRC-MT's code) | 'poly' (the other reading of the paper).
       lr_decay_rate: 0.9 per the paper.
       weight_decay: L2 on the kernels, added to the loss (SRC-MT's Adam weight_decay=5e-4 is coupled L2).
@@ -121,6 +137,9 @@ class TrainConfig:
       mixed_precision: 'none' | 'mixed_float16' | 'mixed_bfloat16'.
       jit_compile: XLA for train_step (fails under MirroredStrategy on logical CPU devices: a TF limitation).
       threshold: per-class probability threshold of the paper-protocol metrics (SRC-MT: 0.18).
+      relation_every_epochs: relation heatmaps of a fixed validation batch every N epochs (0 = never).
+      init_from: a run folder (its best checkpoint) or a weights file to start the student and teacher from
+        (e.g. the previous round of `suggest` -> label -> train); the optimizer and schedules start afresh.
       seed: global seed.
     """
 
@@ -128,6 +147,7 @@ class TrainConfig:
     epochs: int = 100
     steps_per_epoch: int = 0
     learning_rate: float = 1e-4
+    adam_epsilon: float = 1e-8
     lr_decay: str = "step"
     lr_decay_rate: float = 0.9
     weight_decay: float = 5e-4
@@ -138,6 +158,7 @@ class TrainConfig:
     jit_compile: bool = False
     threshold: float = 0.18
     relation_every_epochs: int = 5
+    init_from: str = ""
     seed: int = 0
 
 
@@ -157,13 +178,19 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
-        return cls(
-            data=DataConfig(**d.get("data", {})),
-            model=ModelConfig(**d.get("model", {})),
-            loss=LossConfig(**d.get("loss", {})),
-            train=TrainConfig(**d.get("train", {})),
-        )
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":
+        """The Config of a dict (missing settings take their defaults). Raises ConfigError naming an unknown key."""
+        sections = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object with sections {sorted(sections)}")
+        unknown = [f"{k}" for k in d if k not in sections]
+        for name, section in sections.items():
+            fields = {f.name for f in dataclasses.fields(section)}
+            unknown += [f"{name}.{k}" for k in d.get(name, {}) if k not in fields]
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {unknown} (written by another version of stsc_tf, or "
+                              "edited by hand)")
+        return cls(**{name: section(**d.get(name, {})) for name, section in sections.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +211,9 @@ class ConvertConfig:
       overwrite: replace a finished conversion in output_dir.
       verify: read everything back and check it against the manifest.
       csv_path, image_dir, image_column, label_column, group_column, class_names, task: csv_folder options.
+      max_image_pixels: images with more pixels are refused (or skipped with on_error='skip'), read from the header
+        before decoding; PIL's decompression-bomb guard is set to the same limit.
+      allow_external_paths: accept image paths (or symlinks) that resolve outside the source / image folder.
     """
 
     dataset: str = "isic2018"
@@ -205,3 +235,5 @@ class ConvertConfig:
     group_column: str = ""
     class_names: tuple = ()
     task: str = "single_label"
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    allow_external_paths: bool = False

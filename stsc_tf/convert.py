@@ -1,7 +1,8 @@
 """Convert a raw dataset to TFRecords.
 
     python -m stsc_tf.convert --dataset=isic2018 --source_dir=/data/ISIC2018 --output_dir=tfrecords/isic2018
-    python -m stsc_tf.convert --dataset=chestxray14 --source_dir=/data/ChestX-ray14 --split=official
+    python -m stsc_tf.convert --dataset=chestxray14 --source_dir=/data/ChestX-ray14 --output_dir=tfrecords/chestxray14
+    python -m stsc_tf.convert --verify --output_dir=tfrecords/isic2018      # check an existing conversion
 
 Prints progress and a summary (written / skipped / per class / per split). See stsc_tf/data/convert.py.
 """
@@ -17,7 +18,10 @@ def main(argv):
         cfg = flags_lib.convert_config()
         from stsc_tf.data import convert as convert_lib  # imported here: worker processes re-import this module
 
-        convert_lib.convert(cfg)
+        if not cfg.source_dir:
+            print(f"verified {cfg.output_dir}: {convert_lib.verify_dataset(cfg.output_dir)} records")
+        else:
+            convert_lib.convert(cfg)
 
 
 if __name__ == "__main__":

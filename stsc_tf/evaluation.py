@@ -1,56 +1,185 @@
-"""Evaluate a run folder on a split: metrics table, JSON, ROC curves (the library behind stsc_tf.evaluate)."""
+"""Predictions and evaluation of a run: metrics tables, ROC curves, validated thresholds and calibration.
+
+    python -m stsc_tf.evaluate --model_dir=runs/isic --split=test
+    python -m stsc_tf.evaluate --model_dir=runs/isic --fit_thresholds      # on the validation split only
+
+Paper protocol: every class thresholded at p >= 0.18 (SRC-MT's metric code), right for reproducing the paper's
+tables. For deployment, `--fit_thresholds` chooses per-class thresholds (Youden's J, or max F1) and a calibration
+(temperature, or per-class Platt for multi-label) on the VALIDATION split and stores them in `calibration.json`;
+the test split is never read for that. Once stored, the test tables show both protocols side by side, with the
+expected calibration error of each, and `predict` and `export` use them.
+"""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 
+import keras
 import numpy as np
 
-from stsc_tf.data.pipeline import RecordSet
+from stsc_tf import calibration as calibration_lib
+from stsc_tf import figures
+from stsc_tf import metrics as metrics_lib
+from stsc_tf.config import Config
+from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError, DataError
-from stsc_tf.training import evaluate_networks, load_run, write_metrics
+from stsc_tf.files import atomic_write_json
+from stsc_tf.losses import probabilities
+from stsc_tf.run_folder import CALIBRATION, load_run, read_calibration, write_metrics
 
 log = logging.getLogger("stsc_tf.evaluate")
+NETWORKS = ("student", "teacher")
 
 
-def roc_figure(y: np.ndarray, probs: np.ndarray, class_names: list[str], title: str, path: str) -> None:
-    """One-vs-rest ROC curve per class (classes absent from the split are skipped), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for c, name in enumerate(class_names):
-        t = y[:, c] > 0.5
-        if 0 < t.sum() < len(t):
-            fpr, tpr, _ = roc_curve(t, probs[:, c])
-            ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(t, probs[:, c]):.3f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def check_records(records: RecordSet, run: dict, flag: str = "--data_dir") -> None:
+    """Refuses records whose classes (by name, in order) or task differ from the run's."""
+    if records.class_names != list(run["class_names"]) or records.task != run["task"]:
+        raise ConfigError(f"{flag}={records.data_dir!r} holds {records.task} records with classes "
+                          f"{records.class_names}; the run was trained on {run['task']} classes {run['class_names']}")
 
 
-def evaluate_run(model_dir: str, split: str = "test", which=("student", "teacher"), checkpoint: str = "best",
-                 bootstrap: int = 200, data_dir: str = "") -> dict:
+def predict_split(network: keras.Model, records: RecordSet, split: str, image_size: int, batch_size: int,
+                  multi_label: bool) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels [N, K], probabilities [N, K], logits [N, K]) of one network on a split, in its record order."""
+    ids, ys, zs = [], [], []
+    for batch in eval_dataset(records, split, image_size, batch_size):
+        _, logits = network(batch["image"], training=False)
+        zs.append(np.asarray(logits, np.float64))
+        ys.append(batch["label"].numpy())
+        ids += [i.decode() for i in batch["id"].numpy()]
+    logits = np.concatenate(zs)
+    return ids, np.concatenate(ys), probabilities(logits, multi_label).numpy().astype(np.float64), logits
+
+
+def refuse_nonfinite(name: str, split: str, ids: list[str], logits: np.ndarray) -> None:
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise DataError(f"the {name}'s predictions on the {split} split are not finite for {int(bad.sum())} of "
+                        f"{len(ids)} images (first: {ids[int(np.argmax(bad))]}); the checkpoint is damaged or the "
+                        "training diverged: no metric is computed from them")
+
+
+def calibrated(fitted: dict, logits: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities [N, K] of one network's logits with its stored calibration."""
+    return calibration_lib.Calibration.from_dict(fitted["calibration"]).apply(logits)
+
+
+def evaluate_networks(model, records: RecordSet, split: str, cfg: Config, which=NETWORKS, bootstrap: int = 200,
+                      on_predictions=None, fitted: dict | None = None) -> dict:
+    """Metrics of each network on a split (paper protocol; and validated thresholds when `fitted` has them).
+
+    `on_predictions(name, labels, probabilities)` sees the raw predictions (ROC curves).
+    """
+    results = {}
+    for name in which:
+        network = model.student if name == "student" else model.teacher
+        ids, y, p, z = predict_split(network, records, split, cfg.data.image_size, cfg.data.batch_size,
+                                     model.multi_label)
+        refuse_nonfinite(name, split, ids, z)
+        result = metrics_lib.evaluate_predictions(y, p, multi_label=model.multi_label, threshold=cfg.train.threshold,
+                                                  bootstrap=bootstrap, seed=cfg.train.seed)
+        result["ece"] = calibration_lib.expected_calibration_error(y, p, multi_label=model.multi_label)
+        if fitted and name in fitted.get("networks", {}):
+            entry = fitted["networks"][name]
+            pc = calibrated(entry, z)
+            result["validated"] = {
+                "paper": metrics_lib.paper_metrics(y, pc, entry["thresholds"]),
+                "ece": calibration_lib.expected_calibration_error(y, pc, multi_label=model.multi_label),
+                "criterion": fitted["criterion"], "calibration": entry["calibration"]["method"]}
+        results[name] = result
+        if on_predictions is not None:
+            on_predictions(name, y, p)
+    return results
+
+
+def results_table(results: dict, split: str, labeled_share: float, threshold: float) -> str:
+    rows = {}
+    for name, r in results.items():
+        rows[f"STSC ({name}), p >= {threshold:g} (paper)"] = r
+        if "validated" in r:
+            v = r["validated"]
+            rows[f"STSC ({name}), validated {v['criterion']} thresholds, {v['calibration']}-calibrated"] = v
+    return (f"Metrics (%) on the {split} split; AUC is one-vs-rest, the rest at the per-class threshold; D_L is the "
+            f"labeled share of the training split as used; ECE = expected calibration error.\n\n"
+            + metrics_lib.paper_table(rows, labeled_share))
+
+
+def test_metrics(model, records: RecordSet, split: str, cfg: Config, model_dir: str, labeled_share: float,
+                 bootstrap: int) -> tuple[dict, str]:
+    """The end-of-training metrics of both networks (best checkpoint): metrics.json and metrics.md."""
+    fitted = read_calibration(model_dir)
+    results = evaluate_networks(model, records, split, cfg, bootstrap=bootstrap, fitted=fitted)
+    table = results_table(results, split, labeled_share, cfg.train.threshold)
+    write_metrics(model_dir, split, results, table)
+    return results, table
+
+
+def fit_thresholds(model, records: RecordSet, cfg: Config, model_dir: str, which=NETWORKS, criterion: str = "youden",
+                   method: str = "temperature", checkpoint: str = "best") -> dict:
+    """Fits thresholds and calibration on the VALIDATION split; writes calibration.json and reliability PNGs."""
+    if records.count("val") == 0:
+        raise ConfigError(f"--fit_thresholds needs a validation split; {records.data_dir} has none")
+    if method == "platt" and not model.multi_label:
+        raise ConfigError("--calibration=platt is per class, for multi-label runs; use temperature")
+    networks = {}
+    for name in which:
+        network = model.student if name == "student" else model.teacher
+        ids, y, p, z = predict_split(network, records, "val", cfg.data.image_size, cfg.data.batch_size,
+                                     model.multi_label)
+        refuse_nonfinite(name, "val", ids, z)
+        cal = calibration_lib.fit_calibration(z, y, multi_label=model.multi_label, method=method)
+        pc = cal.apply(z)
+        chosen = calibration_lib.fit_thresholds(y, pc, criterion, default=cfg.train.threshold)
+        before = calibration_lib.expected_calibration_error(y, p, multi_label=model.multi_label)
+        after = calibration_lib.expected_calibration_error(y, pc, multi_label=model.multi_label)
+        networks[name] = {"calibration": cal.to_dict(), "thresholds": chosen["thresholds"],
+                          "per_class": chosen["per_class"], "ece_before": before, "ece_after": after}
+        curves = {"before": calibration_lib.reliability_curve(y, p, multi_label=model.multi_label),
+                  "after": calibration_lib.reliability_curve(y, pc, multi_label=model.multi_label)}
+        figures.reliability_figure(curves, {"before": before, "after": after},
+                                   f"{name}, validation split ({method})",
+                                   os.path.join(model_dir, f"reliability_val_{name}.png"))
+        undefined = [records.class_names[c["class"]] for c in chosen["per_class"] if not c["defined"]]
+        log.info("%s: %s calibration, ECE %.4f -> %.4f on val; %s thresholds %s%s", name, method, before, after,
+                 criterion, dict(zip(records.class_names, np.round(chosen["thresholds"], 4).tolist())),
+                 f" (no optimum for {undefined}: {cfg.train.threshold} kept)" if undefined else "")
+    fitted = {"split": "val", "n": records.count("val"), "criterion": criterion, "method": method,
+              "checkpoint": checkpoint, "class_names": records.class_names,
+              "fitted": datetime.datetime.now().isoformat(timespec="seconds"), "networks": networks}
+    atomic_write_json(os.path.join(model_dir, CALIBRATION), fitted)
+    return fitted
+
+
+def evaluate_run(model_dir: str, split: str = "test", which=NETWORKS, checkpoint: str = "best", bootstrap: int = 200,
+                 data_dir: str = "", thresholds: str = "paper", fit: bool = False, criterion: str = "youden",
+                 method: str = "temperature") -> dict:
+    """`python -m stsc_tf.evaluate`: optionally fits thresholds + calibration on val, then evaluates `split`."""
     cfg, run, model = load_run(model_dir, checkpoint)
     try:
         records = RecordSet.open(data_dir or run["data_dir"])
     except DataError as e:
         raise ConfigError(f"--data_dir: {e}") from None
+    check_records(records, run, "--data_dir" if data_dir else f"the run's data_dir ({run['data_dir']})")
+    if fit:
+        fit_thresholds(model, records, cfg, model_dir, which, criterion, method, checkpoint)
+        print(f"wrote {os.path.join(model_dir, CALIBRATION)} and reliability_val_*.png (fitted on the validation "
+              "split)")
     if records.count(split) == 0:
         raise ConfigError(f"--split={split!r}: the records in {records.data_dir} have no such split")
-    def draw_roc(name, y, p):
-        roc_figure(y, p, records.class_names, f"{name}, {split} split",
-                   os.path.join(model_dir, f"roc_{split}_{name}.png"))
+    fitted = read_calibration(model_dir)
+    if thresholds == "validated" and fitted is None:
+        raise ConfigError(f"--thresholds=validated: {model_dir} has no {CALIBRATION}; run evaluate --fit_thresholds")
 
-    results = evaluate_networks(model, records, split, cfg, which, bootstrap, on_predictions=draw_roc)
-    table = write_metrics(model_dir, split, results, cfg.data.labeled_ratio, prefix=f"eval_{split}")
+    def draw_roc(name, y, p):
+        figures.roc_figure(y, p, records.class_names, f"{name}, {split} split",
+                           os.path.join(model_dir, f"roc_{split}_{name}.png"))
+
+    results = evaluate_networks(model, records, split, cfg, which, bootstrap, on_predictions=draw_roc, fitted=fitted)
+    table = results_table(results, split, run.get("labeled_share", run["labeled"] / run["num_train"]),
+                          cfg.train.threshold)
+    write_metrics(model_dir, split, results, table, prefix=f"eval_{split}")
     print(table)
     for name, r in results.items():
         s = r["standard"]

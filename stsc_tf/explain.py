@@ -1,14 +1,16 @@
-"""Explain a run: Grad-CAM overlays, or relation heatmaps and the relation distance curve.
+"""Explain a run: Grad-CAM overlays, relation heatmaps and the relation distance curve, or stable sub-structures.
 
     python -m stsc_tf.explain gradcam --model_dir=runs/isic --images='photos/*.jpg' --out=cams [--plus_plus]
     python -m stsc_tf.explain relations --model_dir=runs/isic
+    python -m stsc_tf.explain substructures --model_dir=runs/isic [--tsc_tau=1.0 --tsc_tau_mode=zscore]
 """
 
 from absl import app
 
-from stsc_tf import cli, flags as flags_lib
+from stsc_tf import cli, explaining, flags as flags_lib
 
-COMMANDS = ("gradcam", "relations")
+COMMANDS = {"gradcam": explaining.gradcam_run, "relations": explaining.relations_run,
+            "substructures": explaining.substructures_run}
 
 
 def main(argv):
@@ -16,11 +18,8 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise SystemExit(f"usage: python -m stsc_tf.explain {{{'|'.join(COMMANDS)}}} --model_dir=RUN [flags]")
     with cli.user_errors():
-        args = flags_lib.explain_args(argv[1])
-        from stsc_tf import explaining
-
-        paths = (explaining.gradcam_run if argv[1] == "gradcam" else explaining.relations_run)(**args)
-        print("\n".join(paths))
+        written = COMMANDS[argv[1]](**flags_lib.explain_args(argv[1]))
+        print("\n".join([written] if isinstance(written, str) else written))
 
 
 if __name__ == "__main__":

@@ -7,16 +7,13 @@ See stsc_tf/exporting.py for the signatures.
 
 from absl import app
 
-from stsc_tf import cli, flags as flags_lib
+from stsc_tf import cli, exporting, flags as flags_lib
 
 
 def main(argv):
     cli.no_extra_args(argv)
     with cli.user_errors():
-        args = flags_lib.export_args()
-        from stsc_tf import exporting
-
-        path = exporting.export_run(**args)
+        path = exporting.export_run(**flags_lib.export_args())
         print(f"exported to {path}\n  saved_model_cli show --dir {path} --all")
 
 

@@ -4,62 +4,127 @@ Signatures (Keras 3 ExportArchive; TensorFlow alone loads and runs them: no stsc
   serving_default(image_bytes: string [N])         encoded JPEG/PNG, each decoded and preprocessed by
                                                    `augment.preprocess_bytes`, the function evaluation uses
   predict_pixels(pixels: float32 [N, H, W, 3])     0..255 pixels, `augment.eval_preprocess`
-  outputs: probabilities [N, K] float32, class_index [N] int64, class_name [N] string
-Bytes that are not an image fail inside the signature with InvalidArgumentError. With tensorflow-serving-api
-installed, `assets.extra/tf_serving_warmup_requests` holds a warm-up request so the first real one is fast.
+  outputs: probabilities [N, K] float32, class_index [N] int64, class_name [N] string, and for multi-label runs
+           positive_paper [N, K] bool (p >= the paper's threshold, 0.18).
+  With a calibration.json in the run folder (evaluate --fit_thresholds) also: calibrated_probabilities [N, K],
+  and for multi-label runs positive [N, K] bool (calibrated p >= the validated per-class thresholds).
+Refused with InvalidArgumentError inside the signature: bytes that are not a JPEG or PNG, an image whose header
+declares more than `max_pixels` pixels (read before decoding, so a small file cannot allocate gigabytes), and pixels
+that are NaN or infinite. With tensorflow-serving-api installed, `assets.extra/tf_serving_warmup_requests` holds a
+warm-up request so the first real one is fast.
+
+The export is built in a hidden folder beside the version folder and renamed when complete, so TF Serving (which
+loads the highest numeric version folder) never sees a partial model; a killed export leaves only the hidden folder,
+which the next export removes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from stsc_tf import losses
+from stsc_tf.config import MAX_IMAGE_PIXELS
 from stsc_tf.data import augment
 from stsc_tf.errors import ConfigError
+from stsc_tf.files import atomic_write_text
+from stsc_tf.run_folder import CALIBRATION, load_run, read_calibration
 
 log = logging.getLogger("stsc_tf.export")
 PYTHON_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+INCOMPLETE_MARK = ".stsc_export_incomplete"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def export_network(network: keras.Model, *, class_names: list[str], image_size: int, multi_label: bool,
-                   path: str) -> str:
-    """Writes `network` (image -> (relation map, logits)) as a SavedModel with both signatures at `path`."""
-    if os.path.exists(path):
-        raise ConfigError(f"export folder {path} already exists; choose another --version (TF Serving loads the "
-                          "highest version number)")
+def _outputs_fn(network: keras.Model, *, class_names: list[str], multi_label: bool, threshold: float,
+                fitted: dict | None):
     names = tf.constant(class_names)
 
     def outputs(images):
         _, logits = network(images, training=False)
+        logits = tf.cast(logits, tf.float32)
         probs = losses.probabilities(logits, multi_label)  # [N, K]
         index = tf.argmax(probs, axis=1)  # [N]
-        return {"probabilities": probs, "class_index": index, "class_name": tf.gather(names, index)}
+        out = {"probabilities": probs, "class_index": index, "class_name": tf.gather(names, index)}
+        if multi_label:
+            out["positive_paper"] = probs >= threshold
+        if fitted is not None:
+            cal = fitted["calibration"]
+            if cal["method"] == "temperature":
+                scaled = logits / cal["temperature"]
+                out["calibrated_probabilities"] = losses.probabilities(scaled, multi_label)
+            else:  # per-class Platt: sigmoid(a_k z_k + b_k)
+                out["calibrated_probabilities"] = tf.sigmoid(logits * tf.constant(cal["platt_a"], tf.float32)
+                                                             + tf.constant(cal["platt_b"], tf.float32))
+            if multi_label:
+                out["positive"] = out["calibrated_probabilities"] >= tf.constant(fitted["thresholds"], tf.float32)
+        return out
+
+    return outputs
+
+
+def export_network(network: keras.Model, *, class_names: list[str], image_size: int, multi_label: bool, path: str,
+                   threshold: float = 0.18, fitted: dict | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
+    """Writes `network` (image -> (relation features, logits)) as a SavedModel with both signatures at `path`."""
+    if os.path.exists(path):
+        raise ConfigError(f"export folder {path} already exists; choose another --version (TF Serving loads the "
+                          "highest version number)")
+    parent, version = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    _remove_incomplete(parent)
+    tmp = os.path.join(parent, f".{version}.incomplete-{os.getpid()}")
+    outputs = _outputs_fn(network, class_names=class_names, multi_label=multi_label, threshold=threshold,
+                          fitted=fitted)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes):
-        images = tf.map_fn(lambda b: augment.preprocess_bytes(b, image_size), image_bytes,
+        images = tf.map_fn(lambda b: augment.preprocess_bytes(b, image_size, max_pixels), image_bytes,
                            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
         return outputs(images)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels")])
     def serve_pixels(pixels):
+        shape = tf.shape(pixels, out_type=tf.int64)
+        checks = [tf.debugging.assert_all_finite(pixels, "pixels contain NaN or Inf"),
+                  tf.debugging.assert_less_equal(shape[1] * shape[2], tf.constant(max_pixels, tf.int64),
+                                                 message=f"image has more pixels than the limit of {max_pixels}")]
+        with tf.control_dependencies(checks):
+            pixels = tf.identity(pixels)
         return outputs(augment.eval_preprocess(pixels, image_size))
 
     archive = keras.export.ExportArchive()
     archive.track(network)
     archive.add_endpoint("serving_default", serve_bytes)
     archive.add_endpoint("predict_pixels", serve_pixels)
-    archive.write_out(path, verbose=False)
-    _write_warmup(path, image_size)
-    ops = python_ops(path)
-    if ops:
-        raise RuntimeError(f"the export at {path} contains Python-only ops {sorted(ops)}")
+    try:
+        archive.write_out(tmp, verbose=False)
+        atomic_write_text(os.path.join(tmp, INCOMPLETE_MARK), "an unfinished export of stsc_tf; safe to delete\n")
+        _write_warmup(tmp, image_size)
+        ops = python_ops(tmp)
+        if ops:
+            raise RuntimeError(f"the export contains Python-only ops {sorted(ops)}")
+        os.remove(os.path.join(tmp, INCOMPLETE_MARK))
+        os.rename(tmp, path)  # fails if `path` appeared meanwhile: never merged into another export
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
+
+
+def _remove_incomplete(parent: str) -> None:
+    """Removes hidden folders that killed exports of this package left (recognised by their marker file)."""
+    for entry in os.listdir(parent):
+        folder = os.path.join(parent, entry)
+        if entry.startswith(".") and ".incomplete-" in entry and os.path.isdir(folder) and (
+                os.path.isfile(os.path.join(folder, INCOMPLETE_MARK)) or not os.listdir(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by an export that did not finish", folder)
 
 
 def python_ops(path: str) -> set[str]:
@@ -96,18 +161,27 @@ def _write_warmup(path: str, image_size: int) -> bool:
     return True
 
 
-def export_run(model_dir: str, export_dir: str, name: str, version: int, which: str = "", checkpoint: str = "best"
-               ) -> str:
+def export_run(model_dir: str, export_dir: str, name: str, version: int, which: str = "", checkpoint: str = "best",
+               max_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Exports a run's student or teacher (default: the run's eval_with) to `<export_dir>/<name>/<version>/`."""
-    from stsc_tf.training import load_run
-
+    if not NAME.fullmatch(name or ""):
+        raise ConfigError(f"--name={name!r} must be one folder name (letters, digits, '.', '_', '-'; no '/' or "
+                          "'..'): the model goes to <export_dir>/<name>/<version>/")
     if version < 1:
         raise ConfigError(f"--version must be a positive integer, got {version}")
+    if max_pixels < 1:
+        raise ConfigError(f"--max_image_pixels must be >= 1, got {max_pixels}")
     cfg, run, model = load_run(model_dir, checkpoint)
     which = which or cfg.train.eval_with
     network = model.student if which == "student" else model.teacher
+    fitted = read_calibration(model_dir)
+    entry = fitted["networks"].get(which) if fitted else None
+    if fitted and entry is None:
+        log.info("%s has no calibration for the %s: exporting without calibrated outputs", CALIBRATION, which)
     path = os.path.join(export_dir, name, str(version))
     export_network(network, class_names=run["class_names"], image_size=cfg.data.image_size,
-                   multi_label=run["task"] == "multi_label", path=path)
-    log.info("exported the %s of %s to %s", which, model_dir, path)
+                   multi_label=run["task"] == "multi_label", path=path, threshold=cfg.train.threshold,
+                   fitted=entry, max_pixels=max_pixels)
+    log.info("exported the %s of %s to %s%s", which, model_dir, path,
+             " (with calibrated outputs)" if entry else "")
     return path

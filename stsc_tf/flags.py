@@ -62,6 +62,10 @@ CONVERT_HELP = {
     "group_column": ("csv_folder: group (patient/lesion) column; images of a group share a split", None),
     "class_names": ("csv_folder: class names in order (default: from the CSV)", None),
     "task": ("csv_folder: single_label or multi_label", ("single_label", "multi_label")),
+    "max_image_pixels": ("images with more pixels (height x width, read from the header) are refused, or skipped "
+                         "with --on_error=skip", None),
+    "allow_external_paths": ("accept image paths or symlinks that resolve outside --source_dir / --image_dir "
+                             "(refused by default, naming the row)", None),
 }
 
 
@@ -72,10 +76,11 @@ def define_convert_flags() -> None:
 
 
 def convert_config() -> config_lib.ConvertConfig:
+    """The conversion's Config. `--verify` without `--source_dir` verifies an existing `--output_dir` instead."""
     kwargs = {name: FLAGS[name].value for name in CONVERT_HELP}
     kwargs["class_names"] = tuple(kwargs["class_names"] or ())
-    if not kwargs["source_dir"]:
-        raise ConfigError("--source_dir is required")
+    if not kwargs["source_dir"] and not (kwargs["verify"] and kwargs["output_dir"]):
+        raise ConfigError("--source_dir is required (or --verify --output_dir=DIR to check an existing conversion)")
     return config_lib.ConvertConfig(**kwargs)
 
 
@@ -90,6 +95,8 @@ def define_synthetic_flags() -> None:
 def synthetic_args() -> tuple:
     if not FLAGS.out:
         raise ConfigError("--out is required")
+    if FLAGS.num_images < 1 or FLAGS.image_size < 16:
+        raise ConfigError("--num_images must be >= 1 and --image_size >= 16")
     return FLAGS.layout, FLAGS.out, FLAGS.num_images, FLAGS.image_size, FLAGS.seed
 
 
@@ -106,24 +113,32 @@ TRAIN_FLAGS = {
         "hflip": "augmentation: random horizontal flip",
         "shuffle_buffer": "tf.data shuffle buffer in records",
         "cache": "keep decoded images in memory (small datasets)",
+        "labeled_ids": ("'+'-separated CSVs with an 'id' column (and optionally 'labels': '|'-separated class names) "
+                        "listing the labeled train images; overrides --labeled_ratio. E.g. "
+                        "runs/r0/labeled_ids.csv+newly_labeled.csv after python -m stsc_tf.suggest"),
     },
     "model": {
-        "backbone": ("backbone", ("densenet121", "resnet50", "efficientnetv2_b0", "tiny")),
+        "backbone": "a registered backbone ({backbones}) or package.module:function, a builder of your own",
         "weights": "imagenet | none | PATH to a weights file of the backbone",
         "relation_layer": "layer whose output is the relation feature map ('' = last feature map)",
         "dropout": "dropout before the classifier (SRC-MT: 0.2)",
-        "relation_features": ("flatten: the paper's reshaped map; avg: SRC-MT's pooled features", ("flatten", "avg")),
-        "sync_bn": "synchronise BatchNorm statistics across replicas",
+        "relation_features": ("flatten: the paper's reshaped map; avg: SRC-MT's pooled features after the "
+                              "classifier's dropout; avg_before_dropout: pooled, no dropout",
+                              ("flatten", "avg", "avg_before_dropout")),
+        "sync_bn": "synchronise BatchNorm statistics across replicas (Keras' synchronized layer)",
+        "fused_bn": "TensorFlow's fused BatchNorm kernel (numerically Keras' layer; about half the CPU step time)",
     },
     "loss": {
         "consistency": "lambda_max, weight of the unsupervised objective (0 removes it)",
-        "consistency_rampup": "ramp-up length in epochs (SRC-MT: 30)",
-        "consistency_start_epoch": "lambda is 0 before this epoch (SRC-MT: 20)",
+        "consistency_rampup": "ramp-up length in epochs (SRC-MT: 30; lambda changes once per epoch, as SRC-MT's)",
+        "consistency_start_epoch": ("the consistency terms are on once the 0-based epoch index is > this (SRC-MT's "
+                                    "'if epoch > 20': on from the 22nd epoch); -1 = from the first step"),
         "consistency_weight_c": "weight of L_c inside L_u (0 removes it)",
         "beta": "weight of L_sc (0 removes it)",
         "gamma": "weight of L_tc (0 removes it)",
-        "class_weighted_consistency": "weight L_c per class by 10000 / class count (SRC-MT option)",
-        "class_weighted_supervised": "weight the supervised loss per class by 10000 / class count",
+        "class_weighted_consistency": "weight L_c per class by 10000 / class count of the labeled subset (SRC-MT)",
+        "class_weighted_supervised": ("weight the CE per class by 10000 / class count of the labeled subset, "
+                                      "normalised by the summed weights (SRC-MT / PyTorch)"),
         "tsc_start_epoch": "TSC is on from this epoch (the paper's late training stage)",
         "tsc_tau": "TSC edge threshold (see --tsc_tau_mode)",
         "tsc_tau_mode": ("relative: tau/sqrt(B); absolute: tau; quantile: tau-quantile of R",
@@ -137,6 +152,7 @@ TRAIN_FLAGS = {
         "epochs": "epochs (SRC-MT: 100)",
         "steps_per_epoch": "0 = ceil(|D_L| / labeled_per_batch) (SRC-MT's epoch)",
         "learning_rate": "Adam's initial learning rate (paper: 1e-4)",
+        "adam_epsilon": "Adam's epsilon (SRC-MT / PyTorch: 1e-8; Keras' own default is 1e-7)",
         "lr_decay": ("step: x rate after every epoch (SRC-MT); poly: (1 - e/E)^rate", ("step", "poly")),
         "lr_decay_rate": "the decay rate (paper: 0.9)",
         "weight_decay": "L2 coefficient (SRC-MT: 5e-4)",
@@ -147,6 +163,8 @@ TRAIN_FLAGS = {
         "jit_compile": "XLA-compile the train step (not under MirroredStrategy on logical CPU devices)",
         "threshold": "per-class threshold of the paper-protocol metrics (SRC-MT: 0.18)",
         "relation_every_epochs": "relation heatmaps every N epochs",
+        "init_from": ("a run folder (its best checkpoint) or a student weights file to start from; the optimizer "
+                      "and schedules start afresh"),
         "seed": "seed of the labeled subset, shuffling, augmentation and initialisation",
     },
 }
@@ -155,11 +173,19 @@ _SECTIONS = {"data": config_lib.DataConfig, "model": config_lib.ModelConfig, "lo
 
 
 def define_train_flags() -> None:
+    from stsc_tf.models.backbones import registered_backbones  # the choices come from the registry alone
+
     for section, entries in TRAIN_FLAGS.items():
         defaults = _defaults(_SECTIONS[section])
         for name, spec in entries.items():
             text, enum = spec if isinstance(spec, tuple) else (spec, None)
-            _define(name, defaults[name], text, enum)
+            _define(name, defaults[name], text.replace("{backbones}", ", ".join(registered_backbones())), enum)
+    _define("allow_changes", (), "on a resume, settings that may differ from the stored run's (only harmless ones: "
+            "epochs, relation_every_epochs, threshold, strategy, jit_compile, cache)")
+
+
+def allowed_changes() -> tuple[str, ...]:
+    return tuple(FLAGS.allow_changes or ())
 
 
 def train_config() -> config_lib.Config:
@@ -178,15 +204,26 @@ def define_evaluate_flags() -> None:
     _define("networks", "both", "which network(s)", ("student", "teacher", "both"))
     _define("checkpoint", "best", "which checkpoint", ("best", "last"))
     _define("bootstrap", 200, "bootstrap resamples for the 95% intervals (0 = none)")
-    _define("data_dir", "", "records folder (default: the run's)")
+    _define("data_dir", "", "records folder (default: the run's; its classes must be the run's)")
+    _define("fit_thresholds", False, "first fit per-class thresholds and a calibration on the VALIDATION split and "
+            "store them in <model_dir>/calibration.json (used by predict, export and the tables)")
+    _define("threshold_criterion", "youden", "how --fit_thresholds chooses each class's threshold: Youden's J "
+            "(max TPR - FPR) or max F1", ("youden", "f1"))
+    _define("calibration", "temperature", "--fit_thresholds' calibration: temperature scaling, or per-class Platt "
+            "(multi-label only)", ("temperature", "platt"))
+    _define("thresholds", "paper", "paper: tables at the paper's 0.18 (plus validated rows when calibration.json "
+            "exists); validated: require calibration.json", ("paper", "validated"))
 
 
 def evaluate_args() -> dict:
     if not FLAGS.model_dir:
         raise ConfigError("--model_dir is required")
+    if FLAGS.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {FLAGS.bootstrap}")
     which = ("student", "teacher") if FLAGS.networks == "both" else (FLAGS.networks,)
     return dict(model_dir=FLAGS.model_dir, split=FLAGS.split, which=which, checkpoint=FLAGS.checkpoint,
-                bootstrap=FLAGS.bootstrap, data_dir=FLAGS.data_dir)
+                bootstrap=FLAGS.bootstrap, data_dir=FLAGS.data_dir, thresholds=FLAGS.thresholds,
+                fit=FLAGS.fit_thresholds, criterion=FLAGS.threshold_criterion, method=FLAGS.calibration)
 
 
 def define_reproduce_flags() -> None:
@@ -201,6 +238,8 @@ def define_export_flags() -> None:
     _define("version", 1, "version number (an existing version folder is never overwritten)")
     _define("model", "", "student or teacher (default: the run's --eval_with)")
     _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+    _define("max_image_pixels", config_lib.MAX_IMAGE_PIXELS, "serving refuses images with more pixels (height x "
+            "width from the header, before decoding) with InvalidArgumentError")
 
 
 def export_args() -> dict:
@@ -209,19 +248,22 @@ def export_args() -> dict:
     if FLAGS.model not in ("", "student", "teacher"):
         raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
     return dict(model_dir=FLAGS.model_dir, export_dir=FLAGS.export_dir, name=FLAGS.name, version=FLAGS.version,
-                which=FLAGS.model, checkpoint=FLAGS.checkpoint)
+                which=FLAGS.model, checkpoint=FLAGS.checkpoint, max_pixels=FLAGS.max_image_pixels)
 
 
 def define_explain_flags() -> None:
     _define("model_dir", "", "the run folder of python -m stsc_tf.train")
-    _define("images", "", "gradcam: image files (comma list or glob); default: the first test images")
-    _define("out", "", "output folder (gradcam default: <model_dir>/gradcam; relations: <model_dir>/relations)")
+    _define("images", "", "gradcam: image files (comma list or globs, ** recurses); default: the first test images")
+    _define("out", "", "output folder (default: <model_dir>/gradcam, <model_dir>/relations, <model_dir>)")
     _define("model", "", "student or teacher (default: the run's --eval_with)")
     _define("class_name", "", "gradcam: explain this class (default: the predicted one)")
-    _define("layer", "", "gradcam: layer of the map (default: the relation layer)")
+    _define("layer", "", "gradcam: layer of the map (default: the relation feature map)")
     _define("plus_plus", False, "gradcam: Grad-CAM++ instead of Grad-CAM")
     _define("num_images", 8, "gradcam: how many test images when --images is not given")
     _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+    _define("max_image_pixels", config_lib.MAX_IMAGE_PIXELS, "gradcam: images with more pixels are refused")
+    _define("tsc_tau", -1.0, "substructures: the edge threshold (default: the run's --tsc_tau)")
+    _define("tsc_tau_mode", "", "substructures: the threshold rule (default: the run's --tsc_tau_mode)")
 
 
 def explain_args(command: str) -> dict:
@@ -229,8 +271,67 @@ def explain_args(command: str) -> dict:
         raise ConfigError("--model_dir is required")
     if command == "relations":
         return dict(model_dir=FLAGS.model_dir, out=FLAGS.out, checkpoint=FLAGS.checkpoint)
+    if command == "substructures":
+        return dict(model_dir=FLAGS.model_dir, out=FLAGS.out, checkpoint=FLAGS.checkpoint,
+                    tau=None if FLAGS.tsc_tau < 0 else FLAGS.tsc_tau, tau_mode=FLAGS.tsc_tau_mode)
     if FLAGS.model not in ("", "student", "teacher"):
         raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+    if FLAGS.num_images < 1:
+        raise ConfigError(f"--num_images must be >= 1, got {FLAGS.num_images}")
     return dict(model_dir=FLAGS.model_dir, images=FLAGS.images, out=FLAGS.out or f"{FLAGS.model_dir}/gradcam",
                 which=FLAGS.model, class_name=FLAGS.class_name, layer=FLAGS.layer, plus_plus=FLAGS.plus_plus,
-                checkpoint=FLAGS.checkpoint, num_images=FLAGS.num_images)
+                checkpoint=FLAGS.checkpoint, num_images=FLAGS.num_images, max_pixels=FLAGS.max_image_pixels)
+
+
+def define_predict_flags() -> None:
+    _define("model_dir", "", "the run folder of python -m stsc_tf.train")
+    _define("images", "", "image files: comma list or globs ('new/**/*.jpg' recurses)")
+    _define("image_list", "", "a text file with one image path per line (instead of --images)")
+    _define("data_dir", "", "records folder to predict a split of (with --split; instead of --images)")
+    _define("split", "test", "with --data_dir: the split", ("train", "val", "test"))
+    _define("out", "predictions.csv", "the output CSV (written atomically); skipped files go to <out>.skipped.csv")
+    _define("model", "", "student or teacher (default: the run's --eval_with)")
+    _define("batch_size", 32, "images per forward pass")
+    _define("thresholds", "paper", "decisions at the paper's 0.18, or at the thresholds and calibration fitted by "
+            "evaluate --fit_thresholds", ("paper", "validated"))
+    _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+    _define("max_image_pixels", config_lib.MAX_IMAGE_PIXELS, "larger images are skipped (listed with the reason)")
+
+
+def predict_args() -> dict:
+    if not FLAGS.model_dir:
+        raise ConfigError("--model_dir is required")
+    sources = [bool(FLAGS.images), bool(FLAGS.image_list), bool(FLAGS.data_dir)]
+    if sum(sources) != 1:
+        raise ConfigError("give exactly one of --images, --image_list or --data_dir (with --split)")
+    if FLAGS.model not in ("", "student", "teacher"):
+        raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+    if FLAGS.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if not FLAGS.out:
+        raise ConfigError("--out is required")
+    return dict(model_dir=FLAGS.model_dir, images=FLAGS.images, image_list=FLAGS.image_list,
+                data_dir=FLAGS.data_dir, split=FLAGS.split, out=FLAGS.out, which=FLAGS.model,
+                batch_size=FLAGS.batch_size, thresholds=FLAGS.thresholds, checkpoint=FLAGS.checkpoint,
+                max_pixels=FLAGS.max_image_pixels)
+
+
+def define_suggest_flags() -> None:
+    _define("model_dir", "", "the run folder of python -m stsc_tf.train")
+    _define("budget", 200, "how many images to suggest")
+    _define("out", "", "the output CSV (default: <model_dir>/to_label.csv); a thumbnail sheet beside it")
+    _define("diversity", 1.0, "weight of the redundancy penalty (max cosine similarity to the chosen and labeled "
+            "images); 0 = rank by uncertainty alone")
+    _define("batch_size", 64, "images per forward pass")
+    _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+
+
+def suggest_args() -> dict:
+    if not FLAGS.model_dir:
+        raise ConfigError("--model_dir is required")
+    if FLAGS.budget < 1:
+        raise ConfigError(f"--budget must be >= 1, got {FLAGS.budget}")
+    if FLAGS.diversity < 0:
+        raise ConfigError(f"--diversity must be >= 0, got {FLAGS.diversity}")
+    return dict(model_dir=FLAGS.model_dir, budget=FLAGS.budget, out=FLAGS.out, diversity=FLAGS.diversity,
+                batch_size=FLAGS.batch_size, checkpoint=FLAGS.checkpoint)

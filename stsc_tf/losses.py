@@ -97,7 +97,8 @@ def stable_substructure_mask(r_now: tf.Tensor, r_prev: tf.Tensor, *, seen: tf.Te
       seen: [B] bool, the sample's memory row holds a previous visit.
 
     Returns:
-      P [B, B] float32, and monitors {edge_density, stable_pairs, components} (float32 scalars).
+      P [B, B] float32, and monitors {edge_density, stable_pairs, components, largest_component} (float32
+      scalars; largest_component is the member count of the largest sub-structure, 0 when there is none).
     """
     b = tf.shape(r_now)[0]
     t = tsc_threshold(r_now, tau, tau_mode)
@@ -121,6 +122,7 @@ def stable_substructure_mask(r_now: tf.Tensor, r_prev: tf.Tensor, *, seen: tf.Te
         "edge_density": tf.reduce_sum(tf.cast(a_now, tf.float32)) / tf.maximum(n_pairs, 1.0),
         "stable_pairs": tf.reduce_sum(tf.cast(stable, tf.float32)) / 2.0,
         "components": tf.reduce_sum(tf.where(in_sub, 1.0 / tf.maximum(size, 1.0), 0.0)),
+        "largest_component": tf.reduce_max(tf.where(in_sub, size, 0.0)),
     }
     return tf.cast(mask, tf.float32), monitors
 
@@ -156,28 +158,53 @@ def consistency_loss(student_logits: tf.Tensor, teacher_logits: tf.Tensor, *, mu
     return tf.reduce_sum(diff) / tf.cast(global_batch, tf.float32)
 
 
-def supervised_loss(logits: tf.Tensor, labels: tf.Tensor, labeled: tf.Tensor, *, multi_label: bool,
-                    num_labeled, class_weights: tf.Tensor | None = None) -> tf.Tensor:
-    """L_s on the labeled samples, from logits (no double softmax).
+def supervised_weights(labels: tf.Tensor, labeled: tf.Tensor, *, multi_label: bool,
+                       class_weights: tf.Tensor | None = None) -> tf.Tensor:
+    """The weight w_i of each sample in L_s: 0 for unlabeled rows; single-label with class weights, w_{y_i}.
 
-    Single-label: cross-entropy, summed over the labeled samples and divided by `num_labeled` (the GLOBAL count).
-    Multi-label: binary cross-entropy averaged over classes (PyTorch's BCEWithLogitsLoss, SRC-MT's ChestX-ray14
-    loss), summed over labeled samples and divided by `num_labeled`.
+    Summed over the GLOBAL batch, these are L_s's normaliser (`supervised_loss`).
+
+    Args:
+      labels: [b, K] one-hot / multi-hot. labeled: [b] bool. class_weights: optional [K].
+
+    Returns:
+      [b] float32.
+    """
+    labels = tf.cast(labels, tf.float32)
+    weight = tf.ones([tf.shape(labels)[0]])  # [b]
+    if class_weights is not None and not multi_label:
+        weight = tf.reduce_sum(labels * tf.cast(class_weights, tf.float32)[None, :], axis=1)
+    return tf.where(labeled, weight, 0.0)
+
+
+def supervised_loss(logits: tf.Tensor, labels: tf.Tensor, labeled: tf.Tensor, *, multi_label: bool,
+                    normalizer, class_weights: tf.Tensor | None = None) -> tf.Tensor:
+    """L_s on the labeled samples, from logits (no double softmax): sum_i w_i l_i / normalizer.
+
+    `normalizer` is the sum of `supervised_weights` over the GLOBAL batch, so the replicas' shares add up to L_s.
+    - Single-label: l_i = cross-entropy; with class weights, w_i = w_{y_i}, so L_s is PyTorch's
+      `CrossEntropyLoss(weight=w, reduction='mean')`: sum_i w_{y_i} l_i / sum_i w_{y_i} (not / the sample count).
+    - Multi-label: l_i = binary cross-entropy averaged over the classes (PyTorch's BCEWithLogitsLoss, SRC-MT's
+      ChestX-ray14 loss) and w_i = 1, so L_s is the mean over labeled samples. With class weights, l_i is the
+      weighted mean sum_k w_k bce_ik / sum_k w_k, i.e. PyTorch's `BCEWithLogitsLoss(weight=w / mean(w))`: the same
+      weighted-mean normalisation as the CE's, so the loss keeps the scale of the unweighted one whatever the
+      weights' magnitude (SRC-MT's 10000 / count would otherwise multiply it by ~100).
 
     Args:
       logits: [b, K]. labels: [b, K] one-hot / multi-hot. labeled: [b] bool.
-      class_weights: optional [K]: CE weights the sample by its class's weight; BCE weights each class term.
+      normalizer: scalar, the global sum of the sample weights (> 0).
+      class_weights: optional [K].
     """
     logits = tf.cast(logits, tf.float32)
     labels = tf.cast(labels, tf.float32)
     if multi_label:
         per_class = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)  # [b, K]
         if class_weights is not None:
-            per_class = per_class * tf.cast(class_weights, tf.float32)[None, :]
-        per_sample = tf.reduce_mean(per_class, axis=1)
+            w = tf.cast(class_weights, tf.float32)[None, :]  # [1, K]
+            per_sample = tf.reduce_sum(per_class * w, axis=1) / tf.reduce_sum(w)
+        else:
+            per_sample = tf.reduce_mean(per_class, axis=1)
     else:
         per_sample = -tf.reduce_sum(labels * tf.nn.log_softmax(logits, axis=-1), axis=1)  # [b]
-        if class_weights is not None:
-            per_sample = per_sample * tf.reduce_sum(labels * tf.cast(class_weights, tf.float32)[None, :], axis=1)
-    per_sample = tf.where(labeled, per_sample, 0.0)
-    return tf.reduce_sum(per_sample) / tf.cast(num_labeled, tf.float32)
+    weight = supervised_weights(labels, labeled, multi_label=multi_label, class_weights=class_weights)  # [b]
+    return tf.reduce_sum(weight * per_sample) / tf.cast(normalizer, tf.float32)

@@ -24,14 +24,18 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan
 
 
-def per_class_binary(y_true: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Per class k (one-vs-rest): AUC and thresholded binary metrics, NaN where undefined. Arrays of [K]."""
+def per_class_binary(y_true: np.ndarray, probs: np.ndarray, threshold) -> dict[str, np.ndarray]:
+    """Per class k (one-vs-rest): AUC and metrics at p_k >= threshold_k, NaN where undefined. Arrays of [K].
+
+    `threshold` is one number for every class (the paper's 0.18) or one per class (validated thresholds).
+    """
     y_true = np.asarray(y_true) > 0.5
     k = y_true.shape[1]
+    thresholds = np.broadcast_to(np.asarray(threshold, np.float64), (k,))
     out = {key: np.full(k, math.nan) for key in PAPER_KEYS}
     for c in range(k):
         t, p = y_true[:, c], probs[:, c]
-        pred = p >= threshold
+        pred = p >= thresholds[c]
         tn, fp, fn, tp = skm.confusion_matrix(t, pred, labels=[False, True]).ravel()
         if 0 < t.sum() < len(t):
             out["auc"][c] = skm.roc_auc_score(t, p)
@@ -48,13 +52,16 @@ def _mean(values: np.ndarray) -> float | None:
     return float(finite.mean()) if len(finite) else None
 
 
-def paper_metrics(y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.18) -> dict:
-    """The paper's metrics: macro means of the per-class values (undefined classes left out and listed)."""
+def paper_metrics(y_true: np.ndarray, probs: np.ndarray, threshold=0.18) -> dict:
+    """The paper's metrics: macro means of the per-class values (undefined classes left out and listed).
+
+    `threshold`: one number (the paper's protocol) or one per class (validated thresholds).
+    """
     per_class = per_class_binary(y_true, probs, threshold)
     result = {key: _mean(per_class[key]) for key in PAPER_KEYS}
     result["per_class"] = {key: [None if math.isnan(v) else float(v) for v in vals] for key, vals in per_class.items()}
     result["undefined_auc_classes"] = [int(c) for c in np.flatnonzero(np.isnan(per_class["auc"]))]
-    result["threshold"] = threshold
+    result["threshold"] = threshold if np.isscalar(threshold) else [float(t) for t in threshold]
     return result
 
 
@@ -95,7 +102,7 @@ def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, fn, *, n: int = 2
             for k, v in draws.items()}
 
 
-def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, *, multi_label: bool, threshold: float = 0.18,
+def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, *, multi_label: bool, threshold=0.18,
                          bootstrap: int = 200, seed: int = 0) -> dict:
     """Everything for one network on one split: paper metrics, standard metrics, bootstrap intervals."""
     y_true, probs = np.asarray(y_true, np.float64), np.asarray(probs, np.float64)
@@ -111,13 +118,22 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}"
 
 
-def paper_table(rows: dict[str, dict], ratio: float | None = None) -> str:
-    """A Markdown table laid out like the paper's Table 1: Method | D_L | D_U | Acc | Sen | Spec | AUC | F1."""
-    lines = ["| Method | D_L (%) | D_U (%) | Acc | Sen | Spec | AUC | F1 |", "|---|---|---|---|---|---|---|---|"]
+def paper_table(rows: dict[str, dict], labeled_share: float | None = None) -> str:
+    """A Markdown table laid out like the paper's Table 1 (Method | D_L | D_U | Acc | Sen | Spec | AUC | F1), plus the
+    expected calibration error of each row's probabilities when it has one (`ece`).
+
+    Args:
+      rows: method name -> a result with "paper" (and optionally "ece").
+      labeled_share: the share of the training split that was labeled (as achieved, not as requested).
+    """
+    lines = ["| Method | D_L (%) | D_U (%) | Acc | Sen | Spec | AUC | F1 | ECE |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    dl = "" if labeled_share is None else f"{100 * labeled_share:.1f}"
+    du = "" if labeled_share is None else f"{100 * (1 - labeled_share):.1f}"
     for name, result in rows.items():
         p = result["paper"]
-        dl = "" if ratio is None else f"{100 * ratio:g}"
-        du = "" if ratio is None else f"{100 * (1 - ratio):g}"
+        ece = result.get("ece")
         lines.append(f"| {name} | {dl} | {du} | {_pct(p['accuracy'])} | {_pct(p['sensitivity'])} | "
-                     f"{_pct(p['specificity'])} | {_pct(p['auc'])} | {_pct(p['f1'])} |")
+                     f"{_pct(p['specificity'])} | {_pct(p['auc'])} | {_pct(p['f1'])} | "
+                     f"{'n/a' if ece is None else f'{ece:.4f}'} |")
     return "\n".join(lines)

@@ -19,7 +19,8 @@ import os
 
 from absl import app
 
-from stsc_tf import cli, flags as flags_lib
+from stsc_tf import cli, flags as flags_lib, training
+from stsc_tf.files import atomic_write_text
 
 # The paper's Table 4 (ISIC 2018, 20 % labeled): (L_c, L_sc, L_tc) -> (Acc, Sen, Spec, AUC).
 PAPER_TABLE4 = {
@@ -38,8 +39,6 @@ def _pct(v) -> str:
 
 
 def _run(cfg, folder: str) -> dict:
-    from stsc_tf import training
-
     path = os.path.join(folder, "metrics.json")
     if not os.path.isfile(path):
         training.run_training(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model_dir=folder)),
@@ -83,15 +82,12 @@ def main(argv):
     cli.no_extra_args(argv)
     with cli.user_errors():
         cfg = flags_lib.train_config()
-        from stsc_tf import training
-
         training.validate(cfg)  # every bad flag fails before the first run
         table = table4(cfg) if flags_lib.FLAGS.table == 4 else table3(cfg)
         title = {4: "Table 4: consistency terms", 3: "Table 3: labeled ratios"}[flags_lib.FLAGS.table]
         text = f"## {title} ({cfg.train.eval_with}; ours beside the paper's ISIC 2018 numbers)\n\n{table}\n"
         path = os.path.join(cfg.train.model_dir, f"table{flags_lib.FLAGS.table}.md")
-        with open(path, "w") as f:
-            f.write(text)
+        atomic_write_text(path, text)
         print(text + f"\nwritten to {path}")
 
 

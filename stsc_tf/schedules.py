@@ -24,9 +24,14 @@ def sigmoid_rampup(epoch, length: float) -> tf.Tensor:
 
 
 def consistency_weight(epoch, *, maximum: float, rampup: float, start_epoch: float) -> tf.Tensor:
-    """lambda(e) = maximum * sigmoid_rampup(e, rampup), and 0 before start_epoch (SRC-MT: after epoch 20)."""
-    epoch = tf.cast(epoch, tf.float32)
-    return tf.where(epoch >= start_epoch, maximum * sigmoid_rampup(epoch, rampup), 0.0)
+    """lambda = maximum * sigmoid_rampup(floor(e), rampup) once floor(e) > start_epoch, else 0.
+
+    Exactly SRC-MT's `if epoch > 20: loss += consistency_weight(epoch) * ...` with its integer epoch index e
+    (0-based): the weight is constant within an epoch, and with start_epoch = 20 the consistency terms are on from
+    epoch index 21, i.e. after 21 finished epochs. start_epoch = -1 switches them on from the first step.
+    """
+    whole = tf.floor(tf.cast(epoch, tf.float32))
+    return tf.where(whole > start_epoch, maximum * sigmoid_rampup(whole, rampup), 0.0)
 
 
 def ema_decay(step, alpha: float) -> tf.Tensor:

@@ -1,23 +1,17 @@
-"""A whole training run: validate -> strategy -> data -> model -> fit (resumable) -> test metrics.
+"""A whole training run: validate -> strategy -> the run folder -> data -> model -> fit (resumable) -> test metrics.
 
     python -m stsc_tf.train --flagfile=configs/demo.flags
 
-The run folder (`model_dir`):
-    config.json            the full Config          run.json         what the data fixed (classes, N, steps)
-    labeled_ids.csv        the labeled subset       log.csv          per-epoch terms, monitors, val metrics
-    best.weights.h5        best val AUC             last.weights.h5  end of the last epoch
-    backup/                Keras BackupAndRestore (epoch-end state: weights, teacher, TSC memory, optimizer)
-    tensorboard/           every term and monitor per step, metrics per epoch, relation heatmaps
-    relations/             R_s, R_t of a fixed val batch every N epochs (npz, PNG) and ||R_s - R_t|| per epoch
-    metrics.json / metrics.md   test metrics of student and teacher (best checkpoint), Table-1 layout
-Running the same command again after a kill continues from the last finished epoch and ends with the weights an
-uninterrupted run would have (the data stream is a function of (seed, epoch)).
+The run folder's files and rules are in `stsc_tf/run_folder.py`, the callbacks in `stsc_tf/callbacks.py`, the test
+metrics come from `stsc_tf/evaluation.py`; this module only orchestrates. Running the same command again after a
+kill continues from the last finished epoch and ends with the weights an uninterrupted run would have (the data
+stream is a function of (seed, epoch); the backup holds the weights, the teacher, the TSC memory, the optimizer and
+the dropout layers' random state).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -25,15 +19,18 @@ import time
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
-from stsc_tf import metrics as metrics_lib
+from stsc_tf import callbacks as callbacks_lib
+from stsc_tf import evaluation, run_folder
 from stsc_tf.config import Config
-from stsc_tf.data.pipeline import RecordSet, check_batch, distribute_per_worker, eval_dataset, train_dataset
+from stsc_tf.data.batches import check_batch
+from stsc_tf.data.pipeline import RecordSet, distribute_per_worker, eval_dataset, train_dataset
+from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import ConfigError, DataError, STSCError
-from stsc_tf.models.backbones import BACKBONES
-from stsc_tf.models.stsc import STSCModel
-from stsc_tf.schedules import EpochDecay
+from stsc_tf.files import read_csv
+from stsc_tf.models.backbones import RELATION_FEATURES, resolve_backbone
 
 log = logging.getLogger("stsc_tf.train")
 
@@ -51,10 +48,11 @@ def validate(cfg: Config, num_replicas: int = 1) -> RecordSet:
         raise ConfigError("--data_dir is required (a folder written by python -m stsc_tf.convert)")
     if not t.model_dir:
         raise ConfigError("--model_dir is required (the run folder)")
-    if not 0.0 < d.labeled_ratio <= 1.0:
+    if not d.labeled_ids and not 0.0 < d.labeled_ratio <= 1.0:
         raise ConfigError(f"--labeled_ratio must be in (0, 1], got {d.labeled_ratio}")
-    if m.backbone not in BACKBONES:
-        raise ConfigError(f"--backbone={m.backbone!r} is unknown; choose one of {sorted(BACKBONES)}")
+    resolve_backbone(m.backbone)
+    if m.relation_features not in RELATION_FEATURES:
+        raise ConfigError(f"--relation_features={m.relation_features!r}; choose one of {list(RELATION_FEATURES)}")
     if d.image_size < 16:
         raise ConfigError(f"--image_size must be >= 16, got {d.image_size}")
     if t.epochs < 1:
@@ -64,6 +62,12 @@ def validate(cfg: Config, num_replicas: int = 1) -> RecordSet:
             raise ConfigError(f"--{name} must be >= 0 (0 removes the term), got {getattr(l, name)}")
     if not 0.0 <= t.ema_alpha < 1.0:
         raise ConfigError(f"--ema_alpha must be in [0, 1), got {t.ema_alpha}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {m.dropout}")
+    if t.learning_rate <= 0 or t.adam_epsilon <= 0:
+        raise ConfigError("--learning_rate and --adam_epsilon must be > 0")
+    if t.init_from and not os.path.exists(t.init_from):
+        raise ConfigError(f"--init_from={t.init_from!r}: no such run folder or weights file")
     check_batch(d.batch_size, d.labeled_per_batch, num_replicas)
     try:
         records = RecordSet.open(d.data_dir)
@@ -107,208 +111,188 @@ def writer_dir(model_dir: str, strategy: tf.distribute.Strategy) -> tuple[str, b
 
 
 def class_weights(labels: np.ndarray) -> list[float]:
-    """SRC-MT's class weights: 10000 / class count (a count of 0 counts as 1)."""
+    """SRC-MT's class weights, 10000 / class count (a count of 0 counts as 1), from the labels a user has."""
     return [10000.0 / max(c, 1.0) for c in labels.sum(0)]
 
 
-def build_model(cfg: Config, *, num_classes: int, multi_label: bool, num_train: int, steps_per_epoch: int,
-                weights_by_class: list[float] | None) -> STSCModel:
-    m, t = cfg.model, cfg.train
-    return STSCModel(num_classes=num_classes, image_size=cfg.data.image_size, num_train=num_train,
-                     multi_label=multi_label, backbone=m.backbone, weights=m.weights, dropout=m.dropout,
-                     relation_layer=m.relation_layer, sync_bn=m.sync_bn, relation_features=m.relation_features,
-                     loss=dataclasses.asdict(cfg.loss), steps_per_epoch=steps_per_epoch, ema_alpha=t.ema_alpha,
-                     weight_decay=t.weight_decay, eval_with=t.eval_with, class_weights=weights_by_class)
-
-
-def make_optimizer(cfg: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam with the per-epoch decay (one definition: a checkpoint's optimizer state must match it on reload)."""
-    t = cfg.train
-    return keras.optimizers.Adam(EpochDecay(t.learning_rate, steps_per_epoch, t.lr_decay_rate, t.lr_decay, t.epochs))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Callbacks.
+# The labeled subset: by ratio, or from --labeled_ids files (the suggest -> label -> train loop).
 # ----------------------------------------------------------------------------------------------------------------
-class NonFiniteGuard(keras.callbacks.Callback):
-    """TerminateOnNaN that says which term went non-finite, and at which step."""
-
-    def __init__(self):
-        super().__init__()
-        self.message = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        bad = [k for k, v in (logs or {}).items() if not math.isfinite(float(v))]
-        if bad:
-            step = int(self.model.optimizer.iterations)
-            self.message = (f"non-finite {', '.join(bad)} at step {step}; lower --learning_rate, check the data, or "
-                            "set the weight of that term to 0")
-            log.error("stopping: %s", self.message)
-            self.model.stop_training = True
+def _parse_labels(text: str, where: str, class_names: list[str], multi_label: bool) -> np.ndarray:
+    names = [n.strip() for n in str(text).split("|") if n.strip()]
+    row = np.zeros(len(class_names), np.float32)
+    if multi_label and len(names) == 1 and names[0].lower() in ("none", "no finding"):
+        return row
+    unknown = [n for n in names if n not in class_names]
+    if unknown:
+        raise ConfigError(f"{where}: unknown class name(s) {unknown}; known: {class_names}")
+    if not multi_label and len(names) != 1:
+        raise ConfigError(f"{where}: a single-label row needs exactly one class name, got {names}")
+    row[[class_names.index(n) for n in names]] = 1.0
+    return row
 
 
-class ProgressLog(keras.callbacks.Callback):
-    """One line per epoch with every term, monitor and val metric (plus Keras' own progress bar)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        text = " ".join(f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items()))
-        log.info("epoch %d: %s", epoch + 1, text)
-
-
-def _resume_epoch(backup_dir: str) -> int:
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Predictions and test metrics.
-# ----------------------------------------------------------------------------------------------------------------
-def predict_split(network: keras.Model, records: RecordSet, split: str, image_size: int, batch_size: int,
-                  multi_label: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(ids, labels [N, K], probabilities [N, K]) of one network on a split, in the split's deterministic order."""
-    from stsc_tf.losses import probabilities
-
-    ids, ys, ps = [], [], []
-    for batch in eval_dataset(records, split, image_size, batch_size):
-        _, logits = network(batch["image"], training=False)
-        ps.append(probabilities(logits, multi_label).numpy())
-        ys.append(batch["label"].numpy())
-        ids += [i.decode() for i in batch["id"].numpy()]
-    return ids, np.concatenate(ys), np.concatenate(ps)
-
-
-def evaluate_networks(model: STSCModel, records: RecordSet, split: str, cfg: Config, which=("student", "teacher"),
-                      bootstrap: int = 200, on_predictions=None) -> dict:
-    """Metrics of each network on a split; `on_predictions(name, labels, probabilities)` sees the raw predictions."""
-    results = {}
-    for name in which:
-        network = model.student if name == "student" else model.teacher
-        _, y, p = predict_split(network, records, split, cfg.data.image_size, cfg.data.batch_size, model.multi_label)
-        results[name] = metrics_lib.evaluate_predictions(y, p, multi_label=model.multi_label,
-                                                         threshold=cfg.train.threshold, bootstrap=bootstrap,
-                                                         seed=cfg.train.seed)
-        if on_predictions is not None:
-            on_predictions(name, y, p)
-    return results
-
-
-def write_metrics(model_dir: str, split: str, results: dict, ratio: float, prefix: str = "metrics") -> str:
-    with open(os.path.join(model_dir, f"{prefix}.json"), "w") as f:
-        json.dump({"split": split, **results}, f, indent=2)
-    table = metrics_lib.paper_table({f"STSC ({k})": v for k, v in results.items()}, ratio=ratio)
-    with open(os.path.join(model_dir, f"{prefix}.md"), "w") as f:
-        f.write(f"Paper-protocol metrics (%) on the {split} split; AUC is one-vs-rest, the rest at the per-class "
-                "threshold.\n\n" + table + "\n")
-    return table
+def labeled_selection(records: RecordSet, cfg: Config) -> tuple[np.ndarray, np.ndarray | None]:
+    """(sorted labeled train indices, label table [N, K] when --labeled_ids gave labels, else None)."""
+    table = records.table("train")
+    labels = records.labels("train", table)
+    if not cfg.data.labeled_ids:
+        return labeled_subset(labels, cfg.data.labeled_ratio, cfg.data.seed), None
+    index_of = dict(zip(table["id"], table["index"]))
+    chosen: dict[str, int] = {}
+    given = labels.copy()
+    expert: dict[str, np.ndarray] = {}  # id -> the label a --labeled_ids file gave it
+    for path in cfg.data.labeled_ids.split("+"):
+        if not os.path.isfile(path):
+            raise ConfigError(f"--labeled_ids: {path} not found")
+        try:
+            frame = read_csv(path, dtype=str)
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--labeled_ids: {path} is not a readable CSV ({e})") from None
+        if "id" not in frame:
+            raise ConfigError(f"--labeled_ids: {path} has no 'id' column (columns: {list(frame.columns)})")
+        for row_no, row in enumerate(frame.itertuples(index=False), start=2):
+            image_id = getattr(row, "id")
+            where = f"--labeled_ids: {path} row {row_no} ({image_id!r})"
+            if image_id not in index_of:
+                raise ConfigError(f"{where}: not an image of the train split of {records.data_dir}")
+            i = int(index_of[image_id])
+            text = getattr(row, "labels", "") if "labels" in frame else ""
+            if str(text).strip():
+                label = _parse_labels(text, where, records.class_names, records.task == "multi_label")
+                if image_id in expert and not np.array_equal(expert[image_id], label):
+                    raise ConfigError(f"{where}: labeled differently in an earlier row or file")
+                expert[image_id] = given[i] = label
+            chosen[image_id] = i
+    if not chosen:
+        raise ConfigError(f"--labeled_ids={cfg.data.labeled_ids!r} lists no image")
+    return np.array(sorted(chosen.values()), dtype=np.int64), (given if expert else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------------------------
-def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200) -> dict:
+def _init_from(model, path: str) -> None:
+    """Starts the student and teacher from a run folder's best checkpoint, or a student weights file."""
+    if os.path.isdir(path):
+        _, _, source = run_folder.load_run(path, "best")
+        pairs = [(model.student, source.student), (model.teacher, source.teacher)]
+        for target, origin in pairs:
+            if [w.shape for w in target.weights] != [w.shape for w in origin.weights]:
+                raise ConfigError(f"--init_from={path!r}: its network differs from this run's (--backbone, "
+                                  "--image_size, --relation_features and the classes must match)")
+            target.set_weights(origin.get_weights())
+    else:
+        run_folder.load_weights_checked(model.student, path)
+        model.teacher.set_weights(model.student.get_weights())
+    log.info("started from %s", path)
+
+
+def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200, allow_changes: tuple[str, ...] = ()) -> dict:
     """Trains (or resumes) a run and writes its folder; returns the test metrics."""
     t0 = time.time()
     keras.utils.set_random_seed(cfg.train.seed)
     strategy = make_strategy(cfg.train.strategy)
     records = validate(cfg, strategy.num_replicas_in_sync)
+    model_dir, _ = writer_dir(cfg.train.model_dir, strategy)
+    run_folder.check_writable(model_dir)
+    with run_folder.RunLock(model_dir):
+        stored = run_folder.read_config(model_dir)
+        if stored is not None:
+            run_folder.check_same_run(stored, cfg, allow_changes)
+            if run_folder.config_differences(stored, cfg):  # only allowed ones are left: the run records them
+                run_folder.update_config(model_dir, cfg)
+        return _train(cfg, records, strategy, model_dir, stored is not None, extra_callbacks, bootstrap, t0)
+
+
+def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: bool, extra_callbacks, bootstrap: int,
+           t0: float) -> dict:
+    labeled_idx, label_table = labeled_selection(records, cfg)
+    table = records.table("train")
+    labeled_ids = [table["id"][i] for i in labeled_idx]
+    num_train = records.count("train")
+    steps = cfg.train.steps_per_epoch or math.ceil(len(labeled_idx) / cfg.data.labeled_per_batch)
+    run_info = {"class_names": records.class_names, "task": records.task, "num_train": num_train,
+                "steps_per_epoch": steps, "labeled": len(labeled_idx), "labeled_share": len(labeled_idx) / num_train,
+                "replicas": strategy.num_replicas_in_sync, "data_dir": os.path.abspath(records.data_dir),
+                "records_fingerprint": run_folder.records_fingerprint(records.manifest)}
+    if resuming:
+        run_folder.check_same_data(model_dir, run_info, labeled_ids)
+    else:
+        run_folder.write_run_files(model_dir, cfg, run_info, pd.DataFrame({"id": labeled_ids, "index": labeled_idx}))
     if cfg.train.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
-    model_dir, is_chief = writer_dir(cfg.train.model_dir, strategy)
-    os.makedirs(model_dir, exist_ok=True)
-    backup_dir = os.path.join(model_dir, "backup")
-    start_epoch = _resume_epoch(backup_dir)
-    if start_epoch >= cfg.train.epochs and os.path.isfile(os.path.join(model_dir, "metrics.json")):
-        log.info("%s already finished %d epochs", model_dir, start_epoch)
-    data = train_dataset(records, cfg.data, strategy.num_replicas_in_sync, cfg.train.steps_per_epoch, start_epoch,
-                         cfg.train.epochs)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json())
-    run_info = {"class_names": records.class_names, "task": records.task, "num_train": data.num_train,
-                "steps_per_epoch": data.steps_per_epoch, "labeled": len(data.labeled_indices),
-                "replicas": strategy.num_replicas_in_sync, "data_dir": os.path.abspath(records.data_dir)}
-    with open(os.path.join(model_dir, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=2)
-    with open(os.path.join(model_dir, "labeled_ids.csv"), "w") as f:
-        f.write("id,index\n" + "".join(f"{i},{j}\n" for i, j in zip(data.labeled_ids, data.labeled_indices)))
-    log.info("data: %d train (%d labeled), %d val, %d test; %d steps/epoch; %d replica(s)%s", data.num_train,
-             len(data.labeled_indices), records.count("val"), records.count("test"), data.steps_per_epoch,
-             strategy.num_replicas_in_sync, f"; resuming at epoch {start_epoch + 1}" if start_epoch else "")
+    try:
+        return _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, label_table, resuming,
+                             extra_callbacks, bootstrap, t0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
-    multi_label = records.task == "multi_label"
+
+def _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, label_table, resuming, extra_callbacks,
+                  bootstrap, t0) -> dict:
+    steps = run_info["steps_per_epoch"]
+    labeled_labels = (label_table if label_table is not None else records.labels("train"))[labeled_idx]
     weights = None
     if cfg.loss.class_weighted_consistency or cfg.loss.class_weighted_supervised:
-        weights = class_weights(records.labels("train"))
+        weights = class_weights(labeled_labels)
     with strategy.scope():
-        model = build_model(cfg, num_classes=records.num_classes, multi_label=multi_label, num_train=data.num_train,
-                            steps_per_epoch=data.steps_per_epoch, weights_by_class=weights)
-        model.compile(optimizer=make_optimizer(cfg, data.steps_per_epoch), jit_compile=cfg.train.jit_compile)
+        model = run_folder.build_model(cfg, num_classes=records.num_classes,
+                                       multi_label=records.task == "multi_label", num_train=run_info["num_train"],
+                                       steps_per_epoch=steps, class_weights=weights)
+        model.compile(optimizer=run_folder.make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
+    backup_dir = os.path.join(model_dir, run_folder.BACKUP)
+    start_epoch = run_folder.restore_backup(model, backup_dir) if resuming else 0
+    if start_epoch == 0 and cfg.train.init_from:
+        _init_from(model, cfg.train.init_from)
+    log.info("data: %d train (%d labeled, %.1f%%), %d val, %d test; %d steps/epoch; %d replica(s)%s",
+             run_info["num_train"], len(labeled_idx), 100 * run_info["labeled_share"], records.count("val"),
+             records.count("test"), steps, strategy.num_replicas_in_sync,
+             f"; resuming after epoch {start_epoch}" if start_epoch else "")
 
-    guard = NonFiniteGuard()
+    guard = callbacks_lib.NonFiniteGuard()
     has_val = records.count("val") > 0
     monitor = "val_auc" if has_val else "loss"
     callbacks = [
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=False),
         guard,
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor=monitor,
-                                        mode="max" if has_val else "min", save_best_only=True,
-                                        save_weights_only=True),
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "last.weights.h5"), save_weights_only=True),
-        keras.callbacks.CSVLogger(os.path.join(model_dir, "log.csv"), append=start_epoch > 0),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"), update_freq="batch", write_graph=False),
-        ProgressLog(),
+        callbacks_lib.EpochLog(os.path.join(model_dir, run_folder.LOG), start_epoch),
+        callbacks_lib.Checkpoints(model_dir, monitor, "max" if has_val else "min", guard),
+        keras.callbacks.TensorBoard(os.path.join(model_dir, run_folder.TENSORBOARD), update_freq="batch",
+                                    write_graph=False),
+        callbacks_lib.StructureWatch(cfg.data.batch_size, cfg.loss.tsc_start_epoch),
+        callbacks_lib.ProgressLog(),
         *extra_callbacks,
     ]
     val = eval_dataset(records, "val", cfg.data.image_size, cfg.data.batch_size) if has_val else None
     if cfg.train.relation_every_epochs > 0:  # relation heatmaps of a fixed batch (the paper's Fig. 3)
-        from stsc_tf.explaining import RelationMonitor
-
         split = "val" if has_val else "train"
         fixed = next(iter(eval_dataset(records, split, cfg.data.image_size, min(32, records.count(split)))))
-        callbacks.append(RelationMonitor(fixed["image"].numpy(), os.path.join(model_dir, "relations"),
-                                         os.path.join(model_dir, "tensorboard", "relations"),
-                                         cfg.train.relation_every_epochs))
-    train_input = data.dataset
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        train_input = distribute_per_worker(data.dataset, strategy)
+        names = ["|".join(records.class_names[k] for k in np.flatnonzero(row > 0.5)) or "none"
+                 for row in fixed["label"].numpy()]
+        callbacks.insert(1, callbacks_lib.RelationMonitor(
+            fixed["image"].numpy(), os.path.join(model_dir, run_folder.RELATIONS),
+            os.path.join(model_dir, run_folder.TENSORBOARD, "relations"), cfg.train.relation_every_epochs,
+            ids=[i.decode() for i in fixed["id"].numpy()], labels=names))
+    callbacks.append(callbacks_lib.Backup(backup_dir, guard))  # last: an epoch is backed up after its other files
     if start_epoch < cfg.train.epochs:
-        model.fit(train_input, epochs=cfg.train.epochs, steps_per_epoch=data.steps_per_epoch, validation_data=val,
-                  callbacks=callbacks, verbose=2)
+        data = train_dataset(records, cfg.data, strategy.num_replicas_in_sync, cfg.train.steps_per_epoch,
+                             start_epoch, cfg.train.epochs, labeled_indices=labeled_idx, label_table=label_table)
+        train_input = data.dataset
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            train_input = distribute_per_worker(data.dataset, strategy)
+        model.fit(train_input, epochs=cfg.train.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+                  validation_data=val, callbacks=callbacks, verbose=2)
+    else:
+        log.info("%s already finished %d epochs; writing its test metrics again", model_dir, start_epoch)
     if guard.message:
         raise TrainingError(guard.message)
 
-    best = os.path.join(model_dir, "best.weights.h5")
+    best = os.path.join(model_dir, run_folder.BEST)
     if os.path.isfile(best):
-        model.load_weights(best)
+        run_folder.load_weights_checked(model, best)
     split = "test" if records.count("test") else "val"
-    results = evaluate_networks(model, records, split, cfg, bootstrap=bootstrap)
-    table = write_metrics(model_dir, split, results, cfg.data.labeled_ratio)
+    results, table = evaluation.test_metrics(model, records, split, cfg, model_dir, run_info["labeled_share"],
+                                             bootstrap)
     log.info("test metrics (best checkpoint by %s):\n%s", monitor, table)
     log.info("run folder: %s (%.0f s)", os.path.abspath(model_dir), time.time() - t0)
-    if cfg.train.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy("float32")
     return results
-
-
-def load_run(model_dir: str, checkpoint: str = "best") -> tuple[Config, dict, STSCModel]:
-    """Rebuilds a finished (or running) run's model from its folder and loads a checkpoint ('best' | 'last')."""
-    for name in ("config.json", "run.json"):
-        if not os.path.isfile(os.path.join(model_dir, name)):
-            raise ConfigError(f"--model_dir={model_dir!r}: no {name}; is it a run folder of python -m stsc_tf.train?")
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = Config.from_dict(json.load(f))
-    with open(os.path.join(model_dir, "run.json")) as f:
-        run = json.load(f)
-    weights_path = os.path.join(model_dir, f"{checkpoint}.weights.h5")
-    if not os.path.isfile(weights_path):
-        raise ConfigError(f"--model_dir={model_dir!r}: no {checkpoint}.weights.h5")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"))
-    model = build_model(cfg, num_classes=len(run["class_names"]), multi_label=run["task"] == "multi_label",
-                        num_train=run["num_train"], steps_per_epoch=run["steps_per_epoch"], weights_by_class=None)
-    model.compile(optimizer=make_optimizer(cfg, run["steps_per_epoch"]))
-    model.load_weights(weights_path)
-    return cfg, run, model
-
-

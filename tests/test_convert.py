@@ -15,7 +15,7 @@ from PIL import Image
 
 from stsc_tf.config import ConvertConfig
 from stsc_tf.data import augment, features
-from stsc_tf.data.convert import convert, load_manifest, prepare_output_dir, verify_dataset
+from stsc_tf.data.convert import convert, load_manifest, verify_dataset
 from stsc_tf.data.sources import chestxray14, isic2018
 from stsc_tf.errors import DataError
 
@@ -135,30 +135,27 @@ def test_verify_detects_a_changed_shard(synth_isic_records, tmp_path):
         load_manifest(str(out))
 
 
-def test_killed_run_is_cleaned_and_finished_run_refused(synth_isic_raw, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "train-00000-of-00004.tfrecord").write_bytes(b"half")  # what a killed run leaves: no manifest
-    (out / "train-00001-of-00004.tfrecord.incomplete").write_bytes(b"partial")
-    with pytest.raises(DataError, match="no manifest.json"):
-        load_manifest(str(out))
-    run_convert(tmp_path, synth_isic_raw, num_shards=2)  # the rerun cleans up and completes
-    assert not list(out.glob("*.incomplete")) and (out / "manifest.json").exists()
-    assert not (out / "train-00000-of-00004.tfrecord").exists()
+def test_finished_conversion_is_refused_without_overwrite_and_replaced_with_it(synth_isic_raw, tmp_path):
+    manifest, out = run_convert(tmp_path, synth_isic_raw, num_shards=2)
     with pytest.raises(DataError, match="--overwrite"):
         run_convert(tmp_path, synth_isic_raw)
     manifest, _ = run_convert(tmp_path, synth_isic_raw, overwrite=True, num_shards=1)
     assert len(manifest["splits"]["train"]["shards"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.lock"]  # no leftovers
 
 
-def test_output_folder_with_foreign_files_is_refused(synth_isic_raw, tmp_path):
+def test_output_folder_with_foreign_files_is_refused_and_kept(synth_isic_raw, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="not empty.*notes.txt"):
-        run_convert(tmp_path, synth_isic_raw)
-    with pytest.raises(DataError, match="not empty"):
-        prepare_output_dir(str(tmp_path / "out"), overwrite=True)
+    # files named like the converter's own, but not written by it (no manifest, no work marker)
+    (tmp_path / "out" / "train.csv").write_text("id\nmine\n")
+    (tmp_path / "out" / "train-00000-of-00004.tfrecord").write_bytes(b"mine")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="not empty.*never deletes"):
+            run_convert(tmp_path, synth_isic_raw, overwrite=overwrite)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "out" / "train.csv").read_text() == "id\nmine\n"
+    assert (tmp_path / "out" / "train-00000-of-00004.tfrecord").read_bytes() == b"mine"
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs

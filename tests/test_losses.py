@@ -73,14 +73,56 @@ def test_supervised_loss_hand_computed():
     logits = tf.constant([[np.log(3.0), 0.0], [0.0, 0.0], [5.0, -5.0]])
     labels = tf.constant([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     labeled = tf.constant([True, True, False])
-    ce = losses.supervised_loss(logits, labels, labeled, multi_label=False, num_labeled=2)
+    ce = losses.supervised_loss(logits, labels, labeled, multi_label=False, normalizer=2)
     np.testing.assert_allclose(ce, (-np.log(0.75) - np.log(0.5)) / 2, rtol=1e-6)
     w = tf.constant([1.0, 3.0])
-    cew = losses.supervised_loss(logits, labels, labeled, multi_label=False, num_labeled=2, class_weights=w)
-    np.testing.assert_allclose(cew, (-np.log(0.75) - 3 * np.log(0.5)) / 2, rtol=1e-6)
+    weights = losses.supervised_weights(labels, labeled, multi_label=False, class_weights=w)
+    np.testing.assert_array_equal(weights, [1.0, 3.0, 0.0])  # w_{y_i}, 0 for the unlabeled row
+    cew = losses.supervised_loss(logits, labels, labeled, multi_label=False, normalizer=float(tf.reduce_sum(weights)),
+                                 class_weights=w)
+    # divided by the summed weights 1 + 3 (PyTorch's mean), not by the 2 labeled samples
+    np.testing.assert_allclose(cew, (-np.log(0.75) - 3 * np.log(0.5)) / 4, rtol=1e-6)
     bce = losses.supervised_loss(tf.constant([[0.0, np.log(3.0)]]), tf.constant([[1.0, 0.0]]), tf.constant([True]),
-                                 multi_label=True, num_labeled=1)
+                                 multi_label=True, normalizer=1)
     np.testing.assert_allclose(bce, (-np.log(0.5) - np.log(0.25)) / 2, rtol=1e-6)  # mean over classes
+
+
+# Reference values from PyTorch 2.13 (.venv-torch of benchmarks/make_torch_env.sh), float64:
+#   CrossEntropyLoss(weight=w)(logits[labeled], y[labeled]); BCEWithLogitsLoss(weight=...)(z, y).
+TORCH_CE = 0.43136364684331635
+TORCH_CE_WEIGHTED = 0.47241552524089786  # weight = [1, 3]
+TORCH_BCE = 1.0511616519898936
+TORCH_BCE_WEIGHTED = 0.9556335201822308  # weight = wk / mean(wk), wk = [1, 4, 0.5]
+
+
+def test_supervised_loss_equals_pytorch_on_one_and_two_replicas():
+    logits = np.array([[np.log(3.0), 0.0], [0.0, 0.0], [5.0, -5.0], [1.0, 2.0]])
+    labels = np.eye(2)[[0, 1, 0, 1]]
+    labeled = np.array([True, True, False, True])
+    w = tf.constant([1.0, 3.0])
+
+    def ce(rows, class_weights):
+        """The loss as replicas compute it: each slice's share, over the GLOBAL sum of sample weights."""
+        total = sum(float(tf.reduce_sum(losses.supervised_weights(labels[r], labeled[r], multi_label=False,
+                                                                  class_weights=class_weights))) for r in rows)
+        return sum(float(losses.supervised_loss(tf.constant(logits[r]), labels[r], labeled[r], multi_label=False,
+                                                normalizer=total, class_weights=class_weights)) for r in rows)
+
+    for rows in ([slice(0, 4)], [slice(0, 2), slice(2, 4)]):
+        np.testing.assert_allclose(ce(rows, None), TORCH_CE, rtol=1e-6)
+        np.testing.assert_allclose(ce(rows, w), TORCH_CE_WEIGHTED, rtol=1e-6)
+    z = tf.constant([[0.0, np.log(3.0), -1.0], [2.0, -1.0, 0.5]])
+    y = tf.constant([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    both = tf.constant([True, True])
+    np.testing.assert_allclose(losses.supervised_loss(z, y, both, multi_label=True, normalizer=2), TORCH_BCE,
+                               rtol=1e-6)
+    weighted = losses.supervised_loss(z, y, both, multi_label=True, normalizer=2,
+                                      class_weights=tf.constant([1.0, 4.0, 0.5]))
+    np.testing.assert_allclose(weighted, TORCH_BCE_WEIGHTED, rtol=1e-6)
+    # the scale of the class weights does not matter (SRC-MT's 10000 / count gives the same loss as 1 / count)
+    scaled = losses.supervised_loss(z, y, both, multi_label=True, normalizer=2,
+                                    class_weights=tf.constant([1e4, 4e4, 0.5e4]))
+    np.testing.assert_allclose(scaled, TORCH_BCE_WEIGHTED, rtol=1e-6)
 
 
 def _mask(adj_now, adj_prev=None, seen=None, mode="component"):
@@ -159,9 +201,13 @@ def test_schedules():
     assert np.isclose(schedules.sigmoid_rampup(0.0, 30), np.exp(-5))
     assert np.isclose(schedules.sigmoid_rampup(15.0, 30), np.exp(-5 * 0.25))
     assert schedules.sigmoid_rampup(45.0, 30) == 1.0
-    assert schedules.consistency_weight(19.9, maximum=2.0, rampup=30, start_epoch=20) == 0.0
-    assert np.isclose(schedules.consistency_weight(20.0, maximum=2.0, rampup=30, start_epoch=20),
-                      2 * np.exp(-5 / 9))
+    # SRC-MT: `if epoch > 20` with the integer epoch index, lambda(epoch) constant within the epoch
+    for e in (19.9, 20.0, 20.99):
+        assert schedules.consistency_weight(e, maximum=2.0, rampup=30, start_epoch=20) == 0.0
+    for e in (21.0, 21.5, 21.99):
+        assert np.isclose(schedules.consistency_weight(e, maximum=2.0, rampup=30, start_epoch=20),
+                          2 * np.exp(-5 * (1 - 21 / 30) ** 2))
+    assert np.isclose(schedules.consistency_weight(0.3, maximum=1.0, rampup=0, start_epoch=-1), 1.0)
     assert schedules.ema_decay(0, 0.99) == 0.0 and np.isclose(schedules.ema_decay(3, 0.99), 0.75)
     assert np.isclose(schedules.ema_decay(10000, 0.99), 0.99)
     lr = schedules.EpochDecay(1e-4, steps_per_epoch=10, rate=0.9)

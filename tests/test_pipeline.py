@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from stsc_tf.config import DataConfig
 from stsc_tf.data import augment
-from stsc_tf.data.pipeline import RecordSet, check_batch, eval_dataset, train_dataset
+from stsc_tf.data.batches import check_batch
+from stsc_tf.data.pipeline import RecordSet, eval_dataset, train_dataset
 from stsc_tf.data.splits import labeled_subset, stratified_group_split
 from stsc_tf.errors import ConfigError, DataError
 

@@ -15,12 +15,13 @@ import tensorflow as tf
 from stsc_tf import flags as flags_lib
 from stsc_tf.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
 from stsc_tf.data.pipeline import train_dataset
-from stsc_tf.training import build_model, load_run, make_optimizer, validate
+from stsc_tf.run_folder import build_model, load_run, make_optimizer
+from stsc_tf.training import validate
 
 from conftest import ROOT
 
 ARGS = ["--backbone=tiny", "--image_size=16", "--batch_size=8", "--labeled_per_batch=2", "--steps_per_epoch=2",
-        "--labeled_ratio=0.3", "--relation_every_epochs=0", "--dropout=0", "--sync_bn", "--consistency_start_epoch=0",
+        "--labeled_ratio=0.3", "--relation_every_epochs=0", "--dropout=0", "--sync_bn", "--consistency_start_epoch=-1",
         "--consistency_rampup=0", "--tsc_start_epoch=0", "--tsc_tau_mode=quantile", "--tsc_tau=0.6", "--seed=2"]
 
 
@@ -57,7 +58,7 @@ def single_process_reference(data_dir, epochs):
     records = validate(cfg)
     data = train_dataset(records, cfg.data, num_replicas=2, steps_per_epoch=2, epochs=epochs)
     model = build_model(cfg, num_classes=records.num_classes, multi_label=False, num_train=data.num_train,
-                        steps_per_epoch=2, weights_by_class=None)
+                        steps_per_epoch=2, class_weights=None)
     model.compile(optimizer=make_optimizer(cfg, 2))
     model.fit(data.dataset, epochs=epochs, steps_per_epoch=2, verbose=0)
     return model
@@ -100,13 +101,13 @@ def _batch():
             "index": np.arange(8, dtype="int64")}
 
 
-LOSS = dict(consistency_start_epoch=0, consistency_rampup=0, tsc_start_epoch=0, tsc_tau=0.6, tsc_tau_mode="quantile")
+LOSS = dict(consistency_start_epoch=-1, consistency_rampup=0, tsc_start_epoch=0, tsc_tau=0.6, tsc_tau_mode="quantile")
 
 
 def _model():
     return build_model(Config(data=DataConfig(image_size=16), model=ModelConfig(backbone="tiny", dropout=0.0),
                               loss=LossConfig(**LOSS), train=TrainConfig()),
-                       num_classes=3, multi_label=False, num_train=16, steps_per_epoch=1, weights_by_class=None)
+                       num_classes=3, multi_label=False, num_train=16, steps_per_epoch=1, class_weights=None)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

@@ -16,7 +16,8 @@ from stsc_tf.data.convert import convert
 from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError
 from stsc_tf import explaining, exporting
-from stsc_tf.training import load_run, run_training
+from stsc_tf.run_folder import load_run
+from stsc_tf.training import run_training
 
 from conftest import ROOT, shared
 
@@ -35,7 +36,7 @@ def trained(tmp_path_factory):
     cfg = Config(data=DataConfig(data_dir=records, image_size=32, batch_size=16, labeled_per_batch=8,
                                  labeled_ratio=1.0, cache=True),
                  model=ModelConfig(backbone="tiny", dropout=0.0),
-                 loss=LossConfig(consistency_start_epoch=0, consistency_rampup=1, tsc_start_epoch=2),
+                 loss=LossConfig(consistency_start_epoch=-1, consistency_rampup=1, tsc_start_epoch=2),
                  train=TrainConfig(model_dir=str(root / "run"), epochs=8, steps_per_epoch=20, learning_rate=3e-3,
                                    strategy="none", weight_decay=0.0, relation_every_epochs=4))
     run_training(cfg, bootstrap=0)

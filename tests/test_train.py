@@ -13,13 +13,14 @@ import pytest
 
 from stsc_tf.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
 from stsc_tf.errors import ConfigError
-from stsc_tf.training import load_run, run_training, validate
+from stsc_tf.run_folder import load_run
+from stsc_tf.training import run_training, validate
 
 from conftest import ROOT
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 TINY = ["--backbone=tiny", "--image_size=16", "--batch_size=8", "--labeled_per_batch=2", "--steps_per_epoch=3",
-        "--epochs=2", "--labeled_ratio=0.3", "--strategy=none", "--consistency_start_epoch=0",
+        "--epochs=2", "--labeled_ratio=0.3", "--strategy=none", "--consistency_start_epoch=-1",
         "--tsc_start_epoch=1", "--consistency_rampup=1"]
 
 
@@ -43,7 +44,9 @@ def test_train_cli_writes_the_whole_run_folder_and_evaluate_reads_it(synth_isic_
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"split", "student", "teacher"} and metrics["split"] == "test"
     assert 0.0 <= metrics["teacher"]["paper"]["auc"] <= 1.0
-    assert "| STSC (teacher) | 30 | 70 |" in (run / "metrics.md").read_text()
+    share = json.loads((run / "run.json").read_text())["labeled_share"]  # as achieved, not the requested 0.3
+    assert f"| STSC (teacher), p >= 0.18 (paper) | {100 * share:.1f} | {100 * (1 - share):.1f} |" in (
+        run / "metrics.md").read_text()
     labeled = pd.read_csv(run / "labeled_ids.csv")
     assert len(labeled) == json.loads((run / "run.json").read_text())["labeled"]
     assert "test metrics" in done.stdout and "run folder" in done.stdout
@@ -61,7 +64,7 @@ def base_config(data_dir, model_dir, **train):
         data=DataConfig(data_dir=data_dir, image_size=16, batch_size=8, labeled_per_batch=2, labeled_ratio=0.3,
                         cache=True, seed=1),
         model=ModelConfig(backbone="tiny", dropout=0.0),
-        loss=LossConfig(consistency_start_epoch=0, consistency_rampup=1, tsc_start_epoch=1),
+        loss=LossConfig(consistency_start_epoch=-1, consistency_rampup=1, tsc_start_epoch=1),
         train=TrainConfig(model_dir=model_dir, epochs=3, steps_per_epoch=3, learning_rate=1e-3, strategy="none",
                           seed=1, **train))
 
@@ -146,7 +149,7 @@ def test_reproduce_table4_runs_eight_combinations(synth_isic_records, tmp_path):
 
 
 def test_non_finite_guard_names_the_term_and_stops():
-    from stsc_tf.training import NonFiniteGuard
+    from stsc_tf.callbacks import NonFiniteGuard
 
     guard = NonFiniteGuard()
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])

@@ -14,14 +14,46 @@ import math
 
 import tensorflow as tf
 
-from stsc_tf.config import IMAGENET_MEAN, IMAGENET_STD
+from stsc_tf.config import IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def decode(encoded: tf.Tensor) -> tf.Tensor:
+def image_shape(encoded: tf.Tensor) -> tf.Tensor:
+    """(height, width) int64 [2] of JPEG or PNG bytes, read from the header without decoding the pixels.
+
+    Anything that is not a JPEG or PNG header raises InvalidArgumentError.
+    """
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), JPEG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), PNG_MAGIC)
+    check = tf.debugging.Assert(tf.logical_or(is_jpeg, is_png), ["not a JPEG or PNG image"])
+    with tf.control_dependencies([check]):
+
+        def png():  # IHDR: width and height, big-endian uint32, at bytes 16..23
+            complete = tf.debugging.Assert(tf.strings.length(encoded) >= 24, ["truncated PNG header"])
+            with tf.control_dependencies([complete]):  # (substr past the end would echo raw bytes in its error)
+                header = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8), tf.int64)  # [8]
+            header = tf.reshape(header, [2, 4])
+            width_height = tf.reduce_sum(header * tf.constant([2**24, 2**16, 2**8, 1], tf.int64), axis=1)
+            return tf.reverse(width_height, [0])
+
+        return tf.cond(is_jpeg, lambda: tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64), png)
+
+
+def decode(encoded: tf.Tensor, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
     """JPEG/PNG bytes -> uint8 [H, W, 3]. Grayscale becomes 3 channels, alpha is dropped, 16-bit PNG -> 8-bit.
 
-    Bytes that are not an image raise InvalidArgumentError.
+    The dimensions are read from the header first and an image of more than `max_pixels` pixels is refused before
+    any pixel is decoded (a small PNG can declare 16000 x 16000 = 3.6 GB). Bytes that are not a JPEG or PNG, a
+    truncated image, or one above the limit raise InvalidArgumentError.
     """
+    shape = image_shape(encoded)
+    check = tf.debugging.assert_less_equal(
+        shape[0] * shape[1], tf.constant(max_pixels, tf.int64),
+        message=f"image has more pixels than the limit of {max_pixels} (height x width from its header)")
+    with tf.control_dependencies([check]):  # the check runs BEFORE the decoder allocates anything
+        encoded = tf.identity(encoded)
     image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
@@ -37,7 +69,9 @@ def decode_at_least(encoded: tf.Tensor, fmt: tf.Tensor, height: tf.Tensor, width
                                                            tf.where(short >= 2 * image_size, 1, 0)))
     ratio = tf.where(tf.equal(fmt, "jpeg"), ratio, -1)
     branches = [lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r) for r in (1, 2, 4, 8)]
-    image = tf.switch_case(tf.cast(ratio, tf.int32), branches, default=lambda: decode(encoded))
+    # Records hold what the converter checked (JPEG/PNG within its pixel limit): no header check here.
+    image = tf.switch_case(tf.cast(ratio, tf.int32), branches,
+                           default=lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])
     return image
 
@@ -78,9 +112,9 @@ def eval_preprocess(pixels: tf.Tensor, image_size: int) -> tf.Tensor:
     return normalize(resize(pixels, image_size))
 
 
-def preprocess_bytes(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG bytes (scalar) -> model input [S, S, 3]: decode + eval_preprocess."""
-    return eval_preprocess(decode(encoded), image_size)
+def preprocess_bytes(encoded: tf.Tensor, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
+    """Encoded JPEG/PNG bytes (scalar) -> model input [S, S, 3]: decode (within the pixel limit) + eval_preprocess."""
+    return eval_preprocess(decode(encoded, max_pixels), image_size)
 
 
 def affine_matrices(seed: tf.Tensor, batch: int, height: int, width: int, rotation_deg: float, translate: float,

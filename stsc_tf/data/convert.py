@@ -2,23 +2,32 @@
 
     python -m stsc_tf.convert --dataset=isic2018 --source_dir=../shared/data/isic2018 --output_dir=/tmp/isic
 
-Stages: load and validate the tables -> decode every image in parallel (a missing, truncated or corrupt file is an
-error naming it, or a counted skip) -> split -> write the shards in parallel, each under a temporary name renamed
-when complete -> split CSVs -> manifest.json LAST. A folder without a manifest is never complete; a rerun removes
-what a killed run left behind. A finished conversion is replaced only with `overwrite`.
+Stages: load and validate the tables -> decode every image in parallel (a missing, truncated, corrupt or oversized
+file is an error naming it, or a counted skip) -> split -> write the shards -> split CSVs -> manifest.json -> read
+the shards back against the manifest -> move the finished folder into place.
+
+Everything is written into a hidden work folder beside the output folder (`.<name>.converting-<pid>`, marked by a
+file the converter writes), so the output folder only ever holds a finished conversion: a kill leaves the old
+folder untouched, and the next run removes the work folders it recognises by their marker. With `overwrite`, the
+old conversion is replaced only after the new one is complete and verified (old aside, new in, old removed; a kill
+between the two renames is repaired by the next run, which puts the old one back). Files the converter did not
+write are never deleted: an output folder holding anything but a finished conversion is refused.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
+import fcntl
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 
 import numpy as np
+import pandas as pd
+import tensorflow as tf
 
 from stsc_tf.config import ConvertConfig
 from stsc_tf.data import features
@@ -26,9 +35,12 @@ from stsc_tf.data.images import encode_task, validate_image
 from stsc_tf.data.sources import Row, Source, load_source
 from stsc_tf.data.splits import DEFAULT_RATIOS, read_split_dir, stratified_group_split
 from stsc_tf.errors import DataError
+from stsc_tf.files import atomic_write_csv, atomic_write_json, sha256
 
 log = logging.getLogger("stsc_tf.convert")
 TMP_SUFFIX = ".incomplete"
+WORK_MARK = ".stsc_convert_work"  # inside a work folder: this converter made it
+OLD_MARK = ".stsc_convert_replaced"  # inside an old conversion moved aside by --overwrite
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,58 +61,114 @@ def _imap(fn, tasks, pool, workers: int, what: str):
             log.info("%s: %d/%d (%.1f/s)", what, done, total, done / max(time.time() - t0, 1e-9))
 
 
-def _write_shards(shards: list[tuple[str, list]], out_dir: str, image_size: int, pool, workers: int) -> list[dict]:
+def _write_shards(shards: list[tuple[str, list]], out_dir: str, image_size: int, pool, workers: int,
+                  max_pixels: int) -> list[dict]:
     """Workers re-encode images (PIL), or only read them when the original bytes are kept; this process writes each
     shard under a temporary name, hashes it and renames it. Returns the manifest entries in shard order."""
-    import tensorflow as tf
-
-    encoded = _imap(encode_task, [(r[2], image_size, r[5]) for _, records in shards for r in records], pool,
-                    workers, "written images")
+    encoded = _imap(encode_task, [(r[2], image_size, r[5], max_pixels) for _, records in shards for r in records],
+                    pool, workers, "written images")
     entries = []
     for name, records in shards:
         tmp = os.path.join(out_dir, name + TMP_SUFFIX)
-        digest = hashlib.sha256()
         with tf.io.TFRecordWriter(tmp) as writer:
             for index, row_id, _, label, group, _ in records:
                 data, fmt, h, w = next(encoded)
                 writer.write(features.make_example(encoded=data, fmt=fmt, image_id=row_id, height=h, width=w,
                                                    label=label, group=group, index=index))
-        with open(tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         os.replace(tmp, os.path.join(out_dir, name))
-        entries.append({"file": name, "records": len(records), "sha256": digest.hexdigest(),
+        entries.append({"file": name, "records": len(records), "sha256": sha256(os.path.join(out_dir, name)),
                         "bytes": os.path.getsize(os.path.join(out_dir, name))})
     return entries
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The output folder.
+# The output folder: built aside, moved into place when finished.
 # ----------------------------------------------------------------------------------------------------------------
-def _own_artifact(name: str) -> bool:
-    return (name.endswith(".tfrecord") or name.endswith(TMP_SUFFIX) or name == features.MANIFEST
-            or name in {f"{s}.csv" for s in features.SPLITS} or name == "skipped.csv")
+def _siblings(out_dir: str, kind: str) -> list[str]:
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    prefix = f".{name}.{kind}-"
+    return [os.path.join(parent, e) for e in sorted(os.listdir(parent)) if e.startswith(prefix)]
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> None:
-    """Refuses a folder with foreign files or a finished conversion (unless overwrite); cleans a killed run."""
-    os.makedirs(path, exist_ok=True)
-    entries = sorted(os.listdir(path))
-    if not entries:
-        return
-    foreign = [e for e in entries if not _own_artifact(e)]
-    finished = features.MANIFEST in entries
-    if foreign:
-        raise DataError(f"output folder {path} is not empty and holds files the converter did not write "
-                        f"({foreign[:5]}); choose an empty folder")
-    if finished and not overwrite:
-        raise DataError(f"output folder {path} already holds a finished conversion (manifest.json); "
-                        "pass --overwrite to replace it")
-    # Manifest first: from here on the folder no longer looks complete.
-    for e in sorted(entries, key=lambda e: e != features.MANIFEST):
-        os.remove(os.path.join(path, e))
-    log.info("%s %d files in %s", "replaced" if finished else "removed an unfinished conversion:",
-             len(entries), path)
+class OutputFolder:
+    """The output folder of one conversion: a lock for it, its work folder, and the final move (see module doc)."""
+
+    def __init__(self, out_dir: str, overwrite: bool):
+        self.out_dir = os.path.abspath(out_dir)
+        self.overwrite = overwrite
+        parent, name = os.path.split(self.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        self.work = os.path.join(parent, f".{name}.converting-{os.getpid()}")
+        self._lock_path = os.path.join(parent, f".{name}.lock")
+        self._lock = None
+
+    def __enter__(self) -> "OutputFolder":
+        self._lock = open(self._lock_path, "a")
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise DataError(f"another conversion into {self.out_dir} is running; wait for it to finish") from None
+        self._recover()
+        self._check_target()
+        os.makedirs(self.work)
+        atomic_write_json(os.path.join(self.work, WORK_MARK), {"pid": os.getpid(), "target": self.out_dir})
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.work, ignore_errors=True)  # a finished work folder has been moved away already
+        fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+        self._lock.close()
+        return False
+
+    def _recover(self) -> None:
+        """Cleans what killed runs left: their work folders; an old conversion moved aside but not replaced."""
+        for work in _siblings(self.out_dir, "converting"):
+            if os.path.isfile(os.path.join(work, WORK_MARK)):
+                shutil.rmtree(work, ignore_errors=True)
+                log.info("removed %s, the work folder of a conversion that did not finish", work)
+        for old in _siblings(self.out_dir, "replaced"):
+            if not os.path.isfile(os.path.join(old, OLD_MARK)):
+                continue
+            if not os.path.exists(self.out_dir):
+                os.remove(os.path.join(old, OLD_MARK))
+                os.rename(old, self.out_dir)
+                log.info("put back %s: an --overwrite was killed before its new conversion was in place",
+                         self.out_dir)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _check_target(self) -> None:
+        if not os.path.exists(self.out_dir):
+            return
+        if not os.path.isdir(self.out_dir):
+            raise DataError(f"--output_dir={self.out_dir} is a file, not a folder")
+        entries = sorted(os.listdir(self.out_dir))
+        if not entries:
+            return
+        if features.MANIFEST not in entries:
+            raise DataError(f"output folder {self.out_dir} is not empty and holds no finished conversion "
+                            f"({entries[:5]}); the converter never deletes files it did not write: choose an empty "
+                            "or new folder")
+        if not self.overwrite:
+            raise DataError(f"output folder {self.out_dir} already holds a finished conversion (manifest.json); "
+                            "pass --overwrite to replace it (the old one stays until the new one is complete)")
+
+    def commit(self) -> None:
+        """Moves the finished work folder into place (replacing an old conversion only now)."""
+        os.remove(os.path.join(self.work, WORK_MARK))
+        if os.path.isdir(self.out_dir) and os.listdir(self.out_dir):
+            old = os.path.join(os.path.dirname(self.out_dir),
+                               f".{os.path.basename(self.out_dir)}.replaced-{os.getpid()}")
+            atomic_write_json(os.path.join(self.out_dir, OLD_MARK), {"replaced_by": os.getpid()})
+            os.rename(self.out_dir, old)
+            os.rename(self.work, self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("replaced the conversion in %s", self.out_dir)
+        else:
+            if os.path.isdir(self.out_dir):
+                os.rmdir(self.out_dir)  # empty
+            os.rename(self.work, self.out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,27 +240,29 @@ def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
     return [os.path.join(data_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
 
 
-def verify_dataset(data_dir: str) -> dict:
-    """Reads every record back: hashes, counts, dense indices, ids against the CSVs, labels, decodable images."""
-    import pandas as pd
-    import tensorflow as tf
+def damaged_shards(data_dir: str, manifest: dict | None = None) -> list[str]:
+    """The shards whose SHA-256 differs from the manifest's (bytes changed on disk)."""
+    manifest = manifest or load_manifest(data_dir)
+    return [shard["file"] for info in manifest["splits"].values() for shard in info["shards"]
+            if sha256(os.path.join(data_dir, shard["file"])) != shard["sha256"]]
 
+
+def verify_dataset(data_dir: str, decode: bool = True) -> dict:
+    """Reads every record back: hashes, counts, dense indices, ids against the CSVs, labels, and (with `decode`)
+    that every image decodes to its recorded size. Raises DataError naming what disagrees."""
     manifest = load_manifest(data_dir)
     k = len(manifest["class_names"])
     summary = {}
+    damaged = damaged_shards(data_dir, manifest)
+    if damaged:
+        raise DataError(f"{data_dir}: shard(s) {damaged} differ from the manifest (SHA-256): the files changed on "
+                        "disk after the conversion; convert again")
     for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            digest = hashlib.sha256()
-            with open(os.path.join(data_dir, shard["file"]), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != shard["sha256"]:
-                raise DataError(f"{data_dir}: shard {shard['file']} SHA-256 differs from the manifest")
         indices, ids, class_counts = [], [], np.zeros(k)
         ds = tf.data.TFRecordDataset(shard_paths(data_dir, manifest, split))
         for rec in ds.map(lambda s: features.parse_example(s, k)):
-            image = tf.io.decode_image(rec["encoded"], channels=3, expand_animations=False)
-            if tuple(image.shape[:2]) != (int(rec["height"]), int(rec["width"])):
+            image = tf.io.decode_image(rec["encoded"], channels=3, expand_animations=False) if decode else None
+            if decode and tuple(image.shape[:2]) != (int(rec["height"]), int(rec["width"])):
                 raise DataError(f"{data_dir}: record {rec['id'].numpy().decode()} has image {image.shape[:2]} but "
                                 f"height/width {int(rec['height'])}x{int(rec['width'])}")
             indices.append(int(rec["index"]))
@@ -200,14 +270,15 @@ def verify_dataset(data_dir: str) -> dict:
             class_counts += rec["label"].numpy()
         if sorted(indices) != list(range(info["count"])):
             raise DataError(f"{data_dir}: split {split!r} indices are not 0..{info['count'] - 1}")
-        table = pd.read_csv(os.path.join(data_dir, f"{split}.csv"), dtype={"id": str})
+        table = pd.read_csv(os.path.join(data_dir, f"{split}.csv"), dtype={"id": str, "group": str},
+                            keep_default_na=False)
         if dict(zip(ids, indices)) != dict(zip(table["id"], table["index"])):
             raise DataError(f"{data_dir}: {split}.csv disagrees with the {split} shards")
         expected = [info["class_counts"][c] for c in manifest["class_names"]]
         if not np.array_equal(class_counts, expected):
             raise DataError(f"{data_dir}: split {split!r} class counts {class_counts.tolist()} != manifest {expected}")
         summary[split] = len(indices)
-    log.info("verified %s: %s records", data_dir, summary)
+    log.info("verified %s: %s records%s", data_dir, summary, "" if decode else " (images not decoded)")
     return summary
 
 
@@ -222,37 +293,48 @@ def convert(cfg: ConvertConfig) -> dict:
         raise DataError(f"--num_shards must be >= 1, got {cfg.num_shards}")
     if cfg.image_size < 0:
         raise DataError(f"--image_size must be >= 0, got {cfg.image_size}")
+    if cfg.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.max_image_pixels < 1:
+        raise DataError(f"--max_image_pixels must be >= 1, got {cfg.max_image_pixels}")
+    if os.path.realpath(out_dir) == os.path.realpath(cfg.source_dir):
+        raise DataError(f"--output_dir={out_dir} is the --source_dir; choose another folder")
     csv_options = {}
     if cfg.dataset == "csv_folder":
         csv_options = dict(csv_path=cfg.csv_path, image_dir=cfg.image_dir, image_column=cfg.image_column,
                            label_column=cfg.label_column, group_column=cfg.group_column,
                            class_names=list(cfg.class_names) or None, task=cfg.task)
-    source = load_source(cfg.dataset, cfg.source_dir, on_error=cfg.on_error, **csv_options)
-    prepare_output_dir(out_dir, cfg.overwrite)
+    source = load_source(cfg.dataset, cfg.source_dir, on_error=cfg.on_error,
+                         allow_external_paths=cfg.allow_external_paths, **csv_options)
     for note in source.notes:
         log.info("%s", note)
-    # One pool of spawned workers for both stages; they decode and encode images with PIL and never import TF.
-    pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
-    try:
-        return _convert(cfg, source, out_dir, pool, t0)
-    finally:
-        if pool is not None:
-            pool.terminate()
+    with OutputFolder(out_dir, cfg.overwrite) as folder:
+        # One pool of spawned workers for both stages; they decode and encode images with PIL and never import TF.
+        pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
+        try:
+            manifest = _convert(cfg, source, folder.work, pool)
+        finally:
+            if pool is not None:
+                pool.terminate()
+        verify_dataset(folder.work, decode=cfg.verify)  # before it replaces anything
+        folder.commit()
+    log.info("%s", summary_text(manifest, out_dir, time.time() - t0))
+    return manifest
 
 
-def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool, t0: float) -> dict:
+def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool) -> dict:
     rows = source.rows if (cfg.split == "official" or cfg.split_dir) else source.random_rows()
     log.info("%s: %d rows in the tables (%d skipped)", source.dataset, len(rows), len(source.skipped))
     skipped = list(source.skipped)
     # Decode every image once, in parallel, before anything is written.
-    checked = list(_imap(validate_image, [(i, r.path) for i, r in enumerate(rows)], pool, cfg.workers,
-                         "checked images"))
+    checked = list(_imap(validate_image, [(i, r.path, cfg.max_image_pixels) for i, r in enumerate(rows)], pool,
+                         cfg.workers, "checked images"))
     problems = [(i, why) for i, why, _ in checked if why]
     if problems and cfg.on_error == "fail":
-        lines = [f"{rows[i].id} ({rows[i].path or 'expected under ' + source.source_dir}): {why}"
+        lines = [f"{rows[i].where or rows[i].id} ({rows[i].path or 'expected under ' + source.source_dir}): {why}"
                  for i, why in problems[:5]]
         raise DataError(f"{len(problems)} bad image(s) (pass --on_error=skip to skip them):\n  " + "\n  ".join(lines))
-    skipped += [(f"{rows[i].id} ({rows[i].path})", why) for i, why in problems]
+    skipped += [(f"{rows[i].where or rows[i].id} ({rows[i].path})", why) for i, why in problems]
     known = {r.id: meta for r, (_, why, meta) in zip(rows, checked) if not why}  # id -> (format, height, width)
     rows = [r for r in rows if r.id in known]
     if not rows:
@@ -280,20 +362,15 @@ def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool, t0: float) 
                                   "shards": []}
         tables[split] = members
 
-    for entry in _write_shards(tasks, out_dir, cfg.image_size, pool, cfg.workers):
+    for entry in _write_shards(tasks, out_dir, cfg.image_size, pool, cfg.workers, cfg.max_image_pixels):
         split = entry["file"].split("-", 1)[0]
         manifest_splits[split]["shards"].append(entry)
-    for split, members in tables.items():
-        with open(os.path.join(out_dir, f"{split}.csv"), "w") as f:
-            f.write("id,index,group,labels\n")
-            for j, r in enumerate(members):
-                names = "|".join(c for c, v in zip(source.class_names, r.label) if v)
-                f.write(f"{r.id},{j},{r.group},{names}\n")
+    for split, members in tables.items():  # the csv module's quoting: ids with commas or quotes survive
+        atomic_write_csv(os.path.join(out_dir, f"{split}.csv"), pd.DataFrame({
+            "id": [r.id for r in members], "index": range(len(members)), "group": [r.group for r in members],
+            "labels": ["|".join(c for c, v in zip(source.class_names, r.label) if v) for r in members]}))
     if skipped:
-        with open(os.path.join(out_dir, "skipped.csv"), "w") as f:
-            f.write("where,why\n")
-            for where, why in skipped:
-                f.write(f"\"{where}\",\"{why.replace(chr(34), chr(39))}\"\n")
+        atomic_write_csv(os.path.join(out_dir, "skipped.csv"), pd.DataFrame(skipped, columns=["where", "why"]))
 
     manifest = {
         "format_version": features.FORMAT_VERSION,
@@ -306,16 +383,11 @@ def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool, t0: float) 
         "source": {"dir": os.path.abspath(source.source_dir), "notes": source.notes,
                    "split_dir": os.path.abspath(cfg.split_dir) if cfg.split_dir else None},
         "skipped": len(skipped),
+        "max_image_pixels": cfg.max_image_pixels,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "splits": manifest_splits,
     }
-    tmp = os.path.join(out_dir, features.MANIFEST + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, features.MANIFEST))  # last: now the folder is complete
-    log.info("%s", summary_text(manifest, out_dir, time.time() - t0))
-    if cfg.verify:
-        verify_dataset(out_dir)
+    atomic_write_json(os.path.join(out_dir, features.MANIFEST), manifest)  # last: now the folder is complete
     return manifest
 
 

@@ -57,16 +57,30 @@ def encode_image(path: str, image_size: int) -> tuple[bytes, str, int, int]:
     return out.getvalue(), fmt, im.height, im.width
 
 
+def limit_pixels(max_pixels: int) -> None:
+    """Sets PIL's decompression-bomb guard to the package's limit (PIL then refuses twice as many pixels itself)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def validate_image(args) -> tuple[int, str | None, tuple | None]:
-    """(i, path) -> (i, why it is bad or None, (format, height, width) of a good JPEG/PNG kept as is, else None)."""
-    i, path = args
+    """(i, path, max_pixels) -> (i, why it is bad or None, (format, height, width) of a good JPEG/PNG kept as is).
+
+    The size is read from the header first: an image above `max_pixels` is refused before it is decoded.
+    """
+    i, path, max_pixels = args
     if path is None:
         return i, "missing image file", None
     from PIL import Image
 
+    limit_pixels(max_pixels)
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
             fmt = FORMATS.get(im.format or "", "")
+            if im.width * im.height > max_pixels:
+                return i, (f"image is {im.width} x {im.height} = {im.width * im.height} pixels, above the limit "
+                           f"of {max_pixels} (--max_image_pixels)"), None
             im.load()  # a full decode: raises on truncated / corrupt data
             size = (im.height, im.width)
         if not fmt:  # stored re-encoded as PNG: check that conversion too
@@ -77,12 +91,13 @@ def validate_image(args) -> tuple[int, str | None, tuple | None]:
 
 
 def encode_task(args) -> tuple[bytes, str, int, int]:
-    """(path, image_size, known) -> what is stored: a worker task (picklable, TF-free module).
+    """(path, image_size, known, max_pixels) -> what is stored: a worker task (picklable, TF-free module).
 
     `known` = (format, height, width) from `validate_image` when the original bytes are kept (image_size 0):
     the image was decoded once already, so it is only read, not decoded again.
     """
-    path, image_size, known = args
+    path, image_size, known, max_pixels = args
+    limit_pixels(max_pixels)
     if image_size == 0 and known is not None:
         with open(path, "rb") as f:
             return (f.read(), *known)

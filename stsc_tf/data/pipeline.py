@@ -1,15 +1,9 @@
-"""tf.data input pipelines: dual-view semi-supervised training batches and deterministic eval batches.
+"""tf.data input pipelines on converted records: dual-view semi-supervised training batches, deterministic eval batches.
 
-A training element (DESIGN.md):
-    student_view [B, S, S, 3] float32   teacher_view [B, S, S, 3] float32 (independent draws of the augmentation)
-    label        [B, K] float32 (zeros for unlabeled samples: their labels never reach the model)
-    labeled      [B] float32 1/0        index [B] int64 (dense train-split index: the key of the TSC memory)
-(`labeled` is a float 0/1 mask, not bool: under a distribution strategy Keras MEAN-reduces the first batch to build
-the model, and a bool tensor cannot be averaged.)
-
-Keras hands replica r of N the contiguous rows [r B/N, (r+1) B/N) of a global batch, so each batch is composed of
-N slices, each holding `labeled_per_batch / N` samples of D_L followed by `(B - labeled_per_batch) / N` of D_U.
-Decoding, resizing and augmenting all run in tf.data with AUTOTUNE.
+The training batches are those of `stsc_tf.data.batches` (their layout and composition are documented there); here
+they are read from TFRecords, and each epoch's batches (order and augmentation draws) are a function of
+(seed, epoch) alone, so a resumed run sees exactly the batches an uninterrupted one would have. Decoding, resizing and
+augmenting all run in tf.data with AUTOTUNE.
 """
 
 from __future__ import annotations
@@ -24,9 +18,10 @@ import tensorflow as tf
 
 from stsc_tf.config import DataConfig
 from stsc_tf.data import augment, features
+from stsc_tf.data.batches import Augmentation, check_batch, compose, two_views
 from stsc_tf.data.convert import load_manifest, shard_paths
 from stsc_tf.data.splits import labeled_subset
-from stsc_tf.errors import ConfigError, DataError
+from stsc_tf.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -85,20 +80,6 @@ class TrainData:
     steps_per_epoch: int  # ceil(|D_L| / labeled_per_batch): SRC-MT's epoch
 
 
-def check_batch(batch_size: int, labeled_per_batch: int, num_replicas: int) -> None:
-    """Raises ConfigError naming the flag when the batch cannot be composed as asked."""
-    if batch_size < 1 or labeled_per_batch < 1:
-        raise ConfigError(f"--batch_size ({batch_size}) and --labeled_per_batch ({labeled_per_batch}) must be >= 1")
-    if labeled_per_batch >= batch_size:
-        raise ConfigError(f"--labeled_per_batch ({labeled_per_batch}) must be smaller than --batch_size "
-                          f"({batch_size}): the rest of the batch is unlabeled data")
-    if batch_size % num_replicas:
-        raise ConfigError(f"--batch_size ({batch_size}) is not divisible by the {num_replicas} replicas")
-    if labeled_per_batch % num_replicas:
-        raise ConfigError(f"--labeled_per_batch ({labeled_per_batch}) is not divisible by the {num_replicas} "
-                          "replicas: every replica's slice must hold the same share of labeled samples")
-
-
 def _records(files: list[str], num_classes: int, deterministic: bool) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices(files)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
@@ -136,11 +117,9 @@ def _epoch_stream(subset: tf.data.Dataset, size: int, cfg: DataConfig, per_slice
 
 
 def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, steps_per_epoch: int = 0,
-                  start_epoch: int = 0, epochs: int = 100) -> TrainData:
+                  start_epoch: int = 0, epochs: int = 100, labeled_indices: np.ndarray | None = None,
+                  label_table: np.ndarray | None = None) -> TrainData:
     """The semi-supervised training stream: `steps_per_epoch` batches an epoch, epochs start_epoch..epochs-1.
-
-    Each epoch's batches (order and augmentation draws) are a function of (seed, epoch) alone, so a run resumed at
-    `start_epoch` sees exactly the batches an uninterrupted run would have seen from there on.
 
     Args:
       records: the converted dataset.
@@ -149,13 +128,18 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
       steps_per_epoch: 0 = ceil(|D_L| / labeled_per_batch).
       start_epoch: the first epoch the stream yields (resume).
       epochs: the stream ends after epoch `epochs - 1`.
+      labeled_indices: the labeled train-split indices (default: `labeled_subset` by ratio and seed).
+      label_table: [N, K] labels of the train split to use instead of the records' (labels given by an expert for
+        images converted without them); None = the records' labels.
     """
     check_batch(cfg.batch_size, cfg.labeled_per_batch, num_replicas)
     n = records.count("train")
     if n == 0:
         raise DataError(f"{records.data_dir}: the train split is empty")
     table = records.table("train")
-    labeled_idx = labeled_subset(records.labels("train", table), cfg.labeled_ratio, cfg.seed)
+    if labeled_indices is None:
+        labeled_indices = labeled_subset(records.labels("train", table), cfg.labeled_ratio, cfg.seed)
+    labeled_idx = np.asarray(sorted(labeled_indices), dtype=np.int64)
     is_labeled = np.zeros(n, bool)
     is_labeled[labeled_idx] = True
     has_unlabeled = not is_labeled.all()
@@ -163,6 +147,9 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
     per_l = cfg.labeled_per_batch // num_replicas
     per_u = (cfg.batch_size - cfg.labeled_per_batch) // num_replicas
     recs = _records(records.files("train"), records.num_classes, deterministic=True)
+    if label_table is not None:
+        table_t = tf.constant(np.asarray(label_table, np.float32))  # [N, K]
+        recs = recs.map(lambda r: {**r, "label": tf.gather(table_t, r["index"])})
     # Traced once: every epoch's stream calls it (a plain lambda would be re-traced for each of the epochs).
     decode = tf.function(lambda r: _decoded(r, cfg.image_size), input_signature=[recs.element_spec])
     # With every sample labeled (ratio 1, the upper baseline) the second stream draws from D_L as well.
@@ -170,39 +157,26 @@ def train_dataset(records: RecordSet, cfg: DataConfig, num_replicas: int = 1, st
     lab_set, unl_set = _subset(recs, is_labeled, cfg, decode), _subset(recs, unl_member, cfg, decode)
     stream_decode = None if cfg.cache else decode
 
-    def compose(l, u):  # one replica slice: labeled first, then unlabeled
-        mask = tf.concat([tf.ones([per_l]), tf.fill([per_u], 0.0 if has_unlabeled else 1.0)], 0)  # [b] 1 = labeled
-        label = tf.concat([l["label"], u["label"]], 0) * mask[:, None]
-        return {"image": tf.concat([l["image"], u["image"]], 0), "label": label, "labeled": mask,
-                "index": tf.concat([l["index"], u["index"]], 0)}
-
     def epoch(e: int) -> tf.data.Dataset:
         base = (cfg.seed * 1_000_003 + 2 * e) % 2**31  # Python ints: shuffle refuses tensor seeds under a global seed
         lab = _epoch_stream(lab_set, int(is_labeled.sum()), cfg, per_l, base, stream_decode)
         unl = _epoch_stream(unl_set, int(unl_member.sum()), cfg, per_u, base + 1, stream_decode)
-        ds = tf.data.Dataset.zip(lab, unl).map(compose).batch(num_replicas, drop_remainder=True)
-        ds = ds.map(lambda s: {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in s.items()})
-        return ds.take(steps)
+        return compose(lab, unl, per_labeled=per_l, per_unlabeled=per_u, num_replicas=num_replicas,
+                       has_unlabeled=has_unlabeled).take(steps)
 
     ds = epoch(start_epoch)
     for e in range(start_epoch + 1, max(epochs, start_epoch + 1)):
         ds = ds.concatenate(epoch(e))
-    ds = ds.enumerate(start=start_epoch * steps)
-    ds = ds.map(lambda step, b: _two_views(step, b, cfg), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    aug = Augmentation(cfg.rotation_deg, cfg.translate, cfg.hflip)
+
+    def views(step, batch):  # the draws of a step depend on (seed, step) alone
+        seeds = tf.stack([[tf.constant(cfg.seed, tf.int64), step * 2], [tf.constant(cfg.seed, tf.int64),
+                                                                          step * 2 + 1]])  # [2, 2]
+        return two_views(batch, seeds, cfg.image_size, aug, batch_size=cfg.batch_size)
+
+    ds = ds.enumerate(start=start_epoch * steps).map(views, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
     ds = ds.with_options(_data_sharding())
     return TrainData(ds, labeled_idx, [table["id"][i] for i in labeled_idx], n, steps)
-
-
-def _two_views(step: tf.Tensor, batch: dict, cfg: DataConfig) -> dict:
-    image = tf.cast(batch["image"], tf.float32)
-    image.set_shape([cfg.batch_size, cfg.image_size, cfg.image_size, 3])
-    views = []
-    for v in range(2):
-        seed = tf.stack([tf.constant(cfg.seed, tf.int64), step * 2 + v])
-        views.append(augment.normalize(augment.random_affine(image, seed, cfg.rotation_deg, cfg.translate,
-                                                             cfg.hflip)))
-    return {"student_view": views[0], "teacher_view": views[1], "label": batch["label"],
-            "labeled": batch["labeled"], "index": batch["index"]}
 
 
 def eval_dataset(records: RecordSet, split: str, image_size: int, batch_size: int) -> tf.data.Dataset:
@@ -220,8 +194,10 @@ def eval_dataset(records: RecordSet, split: str, image_size: int, batch_size: in
         return {"image": augment.preprocess_bytes(rec["encoded"], image_size), "label": rec["label"],
                 "id": rec["id"], "index": rec["index"]}
 
-    ds = ds.map(prep, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size).prefetch(AUTOTUNE)
-    return ds.with_options(_data_sharding())
+    ds = ds.map(prep, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size)
+    # A known length: Keras then ends an evaluation without its "Your input ran out of data" warning.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(records.count(split) / batch_size)))
+    return ds.prefetch(AUTOTUNE).with_options(_data_sharding())
 
 
 def _data_sharding() -> tf.data.Options:

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from stsc_tf.data.features import SPLITS
+from stsc_tf.data.sources import read_csv_rows
 from stsc_tf.errors import DataError
 
 DEFAULT_RATIOS = (0.7, 0.1, 0.2)  # train : val : test, the paper's split (after SRC-MT)
@@ -111,14 +112,11 @@ def read_split_dir(split_dir: str, ids: set[str]) -> dict[str, str]:
         path = os.path.join(split_dir, name)
         if not os.path.isfile(path):
             raise DataError(f"split file {path} not found (--split_dir needs {sorted(files.values())})")
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-        if not lines or lines[0].split(",")[0].strip() != "image":
+        header, rows, lines = read_csv_rows(path)
+        if not header or header[0] != "image":
             raise DataError(f"{path}: first column must be 'image'")
-        for line_no, line in enumerate(lines[1:], start=2):
-            if not line.strip():
-                continue
-            image_id = line.split(",")[0].strip()
+        for line_no, row in zip(lines, rows):
+            image_id = row[0].strip()
             here = f"{path} row {line_no}"
             if image_id in assignment:
                 raise DataError(f"{here}: {image_id!r} already listed at {where[image_id]}")

@@ -1,6 +1,6 @@
 """A small, learnable dataset written in the raw ISIC 2018 or ChestX-ray14 layout (for the demo and tests).
 
-    python -m stsc_tf.data.synthetic --layout=isic2018 --out=/tmp/synth_isic --num_images=400 --image_size=96
+    python -m stsc_tf.synthetic --layout=isic2018 --out=/tmp/synth_isic --num_images=400 --image_size=96   # the CLI
 
 Each class is a LOCALIZED structure on a noisy background, so a small CNN can learn it and Grad-CAM can be
 checked against it: `synthetic_boxes.csv` (image, class, x0, y0, x1, y1) gives each structure's box.
@@ -136,22 +136,3 @@ def write_chestxray14(out: str, num_images: int = 300, image_size: int = 128, se
 
 
 LAYOUTS = {"isic2018": write_isic, "chestxray14": write_chestxray14}
-
-
-def main(argv):
-    from stsc_tf import cli
-    from stsc_tf import flags as flags_lib
-
-    cli.no_extra_args(argv)
-    layout, out, n, size, seed = flags_lib.synthetic_args()
-    LAYOUTS[layout](out, n, size, seed)
-    print(f"wrote a synthetic {layout} layout with {n} images of {size} px to {out}")
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    from stsc_tf import flags as flags_lib
-
-    flags_lib.define_synthetic_flags()
-    app.run(main)

@@ -31,6 +31,7 @@ class Row:
     label: np.ndarray  # [K] float32, one-hot or multi-hot
     group: str
     split: str | None = None  # official assignment: 'train' | 'val' | 'test' | 'trainval' (split further), or None
+    where: str = ""  # the table file and row it comes from, for messages
 
 
 @dataclasses.dataclass
@@ -65,23 +66,61 @@ def row_problem(skipped: list, on_error: str, where: str, why: str) -> None:
     raise DataError(f"{where}: {why} (pass --on_error=skip to skip such rows)")
 
 
-def read_csv_rows(path: str) -> tuple[list[str], list[list[str]]]:
-    """Reads a CSV's header and rows with the csv module (bracketed headers with commas stay as fields)."""
+def read_csv_rows(path: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """Reads a CSV's header and rows with the csv module (quoted fields with commas stay one field).
+
+    Trailing empty fields are ignored (spreadsheets add them); a row with more fields than the header is an error
+    naming the file and row (its values would shift into the wrong columns); a shorter row is padded with ''.
+
+    Returns:
+      (header, rows, the file's row number of each row: blank rows are left out but counted).
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{path}: empty file") from None
-        rows = [r for r in reader if any(c.strip() for c in r)]
-    return header, rows
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise DataError(f"{path}: empty file") from None
+            while header and not header[-1]:
+                header.pop()
+            rows, lines = [], []
+            for line, r in enumerate(reader, start=2):
+                while r and not r[-1].strip():
+                    r = r[:-1]
+                if not r:
+                    continue
+                if len(r) > len(header):
+                    raise DataError(f"{path} row {line}: {len(r)} fields, the header has {len(header)} (a value with "
+                                    "an unquoted comma?)")
+                rows.append(r + [""] * (len(header) - len(r)))
+                lines.append(line)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable UTF-8 CSV ({e})") from None
+    return header, rows, lines
 
 
-def check_unique_ids(ids: list[str], path: str) -> None:
+def check_inside(rows: list[Row], roots: list[str], skipped: list, on_error: str) -> list[Row]:
+    """Refuses rows whose image resolves (symlinks and '..' included) outside every folder in `roots`."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    kept = []
+    for row in rows:
+        if row.path is not None:
+            real = os.path.realpath(row.path)
+            if not any(os.path.commonpath([real, root]) == root for root in real_roots):
+                row_problem(skipped, on_error, row.where or row.id,
+                            f"image {row.path} resolves to {real}, outside {' and '.join(roots)} (pass "
+                            "--allow_external_paths if that is intended)")
+                continue
+        kept.append(row)
+    return kept
+
+
+def check_unique_ids(ids: list[str], path: str, lines: list[int] | None = None) -> None:
     seen: dict[str, int] = {}
-    for line, image_id in enumerate(ids, start=2):
+    for line, image_id in zip(lines or range(2, len(ids) + 2), ids):
         if image_id in seen:
             raise DataError(f"{path}: duplicate image id {image_id!r} (rows {seen[image_id]} and {line})")
         seen[image_id] = line
@@ -122,8 +161,13 @@ def _loaders() -> dict[str, Callable[..., Source]]:
 DATASETS = ("isic2018", "chestxray14", "csv_folder")
 
 
-def load_source(dataset: str, source_dir: str, *, on_error: str = "fail", **kwargs) -> Source:
-    """Loads a raw layout by name ('isic2018' | 'chestxray14' | 'csv_folder')."""
+def load_source(dataset: str, source_dir: str, *, on_error: str = "fail", allow_external_paths: bool = False,
+                **kwargs) -> Source:
+    """Loads a raw layout by name ('isic2018' | 'chestxray14' | 'csv_folder').
+
+    Unless `allow_external_paths`, an image that resolves outside the source folder (or csv_folder's image_dir) is
+    refused, naming its row (or skipped and counted with on_error='skip').
+    """
     loaders = _loaders()
     if dataset not in loaders:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(loaders)}")
@@ -133,6 +177,9 @@ def load_source(dataset: str, source_dir: str, *, on_error: str = "fail", **kwar
     if not os.listdir(source_dir):
         raise DataError(f"source folder {source_dir!r} is empty")
     source = loaders[dataset](source_dir, on_error=on_error, **kwargs)
+    if not allow_external_paths:
+        roots = [source_dir] + ([kwargs["image_dir"]] if kwargs.get("image_dir") else [])
+        source.rows = check_inside(source.rows, roots, source.skipped, on_error)
     if not source.rows:
         raise DataError(f"{source_dir}: no usable rows ({len(source.skipped)} skipped)")
     return source

@@ -71,16 +71,16 @@ def _official(source_dir: str) -> dict[str, str] | None:
 
 def load(source_dir: str, *, on_error: str = "fail") -> Source:
     path = os.path.join(source_dir, ENTRY_CSV)
-    header, rows = read_csv_rows(path)
+    header, rows, lines = read_csv_rows(path)
     require_columns(header, ["Image Index", "Finding Labels", "Patient ID"], path)
     i_id, i_lab, i_pat = (header.index(c) for c in ("Image Index", "Finding Labels", "Patient ID"))
     ids = [r[i_id].strip() for r in rows]
-    check_unique_ids(ids, path)
+    check_unique_ids(ids, path, lines)
     images = _image_index(source_dir)
     official = _official(source_dir)
     skipped: list[tuple[str, str]] = []
     out = []
-    for line, (image_id, r) in enumerate(zip(ids, rows), start=2):
+    for line, image_id, r in zip(lines, ids, rows):
         where = f"{path} row {line} ({image_id})"
         try:
             label = parse_findings(r[i_lab], where)
@@ -92,7 +92,7 @@ def load(source_dir: str, *, on_error: str = "fail") -> Source:
             split = official.get(image_id)
             if split is None:
                 raise DataError(f"{where}: not listed in {OFFICIAL_LISTS['trainval']} or {OFFICIAL_LISTS['test']}")
-        out.append(Row(image_id, images.get(image_id), label, "patient-" + r[i_pat].strip(), split))
+        out.append(Row(image_id, images.get(image_id), label, "patient-" + r[i_pat].strip(), split, where))
     notes = ["groups are patients (Patient ID)"]
     if official is not None:
         listed_only = sorted(set(official) - set(ids))

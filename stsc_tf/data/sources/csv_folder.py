@@ -36,7 +36,7 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
         raise DataError(f"task must be {SINGLE_LABEL!r} or {MULTI_LABEL!r}, got {task!r}")
     csv_path = csv_path or os.path.join(source_dir, "labels.csv")
     image_dir = image_dir or source_dir
-    header, rows = read_csv_rows(csv_path)
+    header, rows, lines = read_csv_rows(csv_path)
     require_columns(header, [image_column] + ([label_column] if label_column else [])
                     + ([group_column] if group_column else []), csv_path)
     if label_column:
@@ -50,10 +50,10 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
         raise DataError(f"{csv_path}: no class columns found")
     i_img = header.index(image_column)
     ids = [r[i_img].strip() for r in rows]
-    check_unique_ids(ids, csv_path)
+    check_unique_ids(ids, csv_path, lines)
     skipped: list[tuple[str, str]] = []
     out = []
-    for line, (image_id, r) in enumerate(zip(ids, rows), start=2):
+    for line, image_id, r in zip(lines, ids, rows):
         where = f"{csv_path} row {line} ({image_id})"
         if label_column:
             label = np.zeros(len(names), np.float32)
@@ -76,6 +76,6 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
             if label is None:
                 continue
         group = r[header.index(group_column)].strip() if group_column else image_id
-        out.append(Row(image_id, _resolve(image_dir, image_id), label, group))
+        out.append(Row(image_id, _resolve(image_dir, image_id), label, group, where=where))
     return Source("csv_folder", task, names, out, source_dir, skipped,
                   [] if group_column else ["no group column: each image is its own group"])

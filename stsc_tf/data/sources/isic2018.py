@@ -31,7 +31,7 @@ def _groups(source_dir: str) -> tuple[dict[str, str], str | None]:
     for name, id_col in ((GROUPINGS_CSV, "image"), (METADATA_CSV, "image_id")):
         path = os.path.join(source_dir, name)
         if os.path.isfile(path):
-            header, rows = read_csv_rows(path)
+            header, rows, lines = read_csv_rows(path)
             require_columns(header, [id_col, "lesion_id"], path)
             i, j = header.index(id_col), header.index("lesion_id")
             return {r[i].strip(): r[j].strip() for r in rows}, name
@@ -41,7 +41,7 @@ def _groups(source_dir: str) -> tuple[dict[str, str], str | None]:
 def _read_table(source_dir: str, csv_name: str, image_dir: str, groups: dict[str, str], split: str | None,
                 on_error: str, skipped: list) -> list[Row]:
     path = os.path.join(source_dir, csv_name)
-    header, rows = read_csv_rows(path)
+    header, rows, lines = read_csv_rows(path)
     expected = ["image"] + CLASS_NAMES
     unknown = [c for c in header if c and c not in expected]
     missing = [c for c in expected if c not in header]
@@ -49,18 +49,16 @@ def _read_table(source_dir: str, csv_name: str, image_dir: str, groups: dict[str
         raise DataError(f"{path}: expected columns {expected}; missing {missing}, unexpected {unknown}")
     cols = [header.index(c) for c in CLASS_NAMES]
     ids = [r[header.index("image")].strip() for r in rows]
-    check_unique_ids(ids, path)
+    check_unique_ids(ids, path, lines)
     out = []
-    for line, (image_id, r) in enumerate(zip(ids, rows), start=2):
+    for line, image_id, r in zip(lines, ids, rows):
         where = f"{path} row {line} ({image_id})"
-        if len(r) < len(header):
-            raise DataError(f"{where}: {len(r)} fields, header has {len(header)}")
         label = one_hot_label([r[c] for c in cols], where, CLASS_NAMES, True, skipped, on_error)
         if label is None:
             continue
         image_path = os.path.join(source_dir, image_dir, image_id + ".jpg")
         out.append(Row(image_id, image_path if os.path.isfile(image_path) else None, label,
-                       groups.get(image_id, image_id), split))
+                       groups.get(image_id, image_id), split, where))
     return out
 
 

@@ -1,0 +1,85 @@
+"""Writing files whole or not at all, and reading back CSVs this package wrote.
+
+Every file a later step reads is written to a temporary name in its own folder, flushed to disk and renamed over
+the target (`os.replace` is atomic on POSIX within one file system): a kill leaves the old file or the new one,
+never a part. Temporary names start with '.' and end with '.tmp', so a rerun can recognise and remove leftovers.
+CSV files are written and read with the csv module's quoting (pandas), so ids with commas, quotes, spaces or
+non-ASCII characters survive the round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+import pandas as pd
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, a run folder's files get the usual 0666 & ~umask
+
+
+def temp_path(path: str, suffix: str = "") -> str:
+    """A new, empty temporary file beside `path` (same folder, so the final rename is atomic)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return tmp
+
+
+def commit(tmp: str, path: str) -> None:
+    """fsync `tmp` and rename it to `path`."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yields a temporary path to write; on success it becomes `path`, on any error it is removed."""
+    tmp = temp_path(path, suffix)
+    try:
+        yield tmp
+        commit(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def atomic_write_csv(path: str, frame: pd.DataFrame) -> None:
+    """A DataFrame as CSV (csv-module quoting, UTF-8), atomically."""
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_csv(path: str, **kwargs) -> pd.DataFrame:
+    """Reads a CSV this package wrote: same quoting, empty cells stay '' (not NaN)."""
+    return pd.read_csv(path, keep_default_na=False, encoding="utf-8", **kwargs)
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
