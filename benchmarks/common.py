@@ -28,13 +28,15 @@ def make_batch(batch: int, size: int, classes: int = 7, labeled: int | None = No
             "labeled": mask, "index": np.arange(batch, dtype="int64")}
 
 
-def make_model(backbone: str, size: int, num_train: int, classes: int = 7, relation: str = "flatten"):
+def make_model(backbone: str, size: int, num_train: int, classes: int = 7, relation: str = "flatten",
+               fused_bn: bool = True):
+    """An STSCModel with every term on from step 0 (the costly configuration: TSC active)."""
     from stsc_tf.models.stsc import STSCModel
 
-    # Every term on from step 0 (the costly configuration: TSC active).
-    loss = dict(consistency_start_epoch=0, consistency_rampup=0, tsc_start_epoch=0)
-    return STSCModel(num_classes=classes, image_size=size, num_train=num_train, backbone=backbone,
-                     relation_features=relation, loss=loss, steps_per_epoch=1, weight_decay=5e-4)
+    loss = dict(consistency_start_epoch=-1, consistency_rampup=0, tsc_start_epoch=0)
+    return STSCModel.from_backbone(backbone, num_classes=classes, image_size=size, relation_features=relation,
+                                   fused_bn=fused_bn, num_train=num_train, loss_config=loss, steps_per_epoch=1,
+                                   weight_decay=5e-4)
 
 
 def timed(fn, *args, repeat: int = 5, warmup: int = 1) -> float:

@@ -29,12 +29,13 @@ def main():
     p.add_argument("--relation_features", default="flatten")
     p.add_argument("--mixed_precision", default="none", choices=["none", "mixed_float16", "mixed_bfloat16"])
     p.add_argument("--jit_compile", action="store_true", help="XLA for the supervised and STSC steps")
+    p.add_argument("--keras_bn", action="store_true", help="Keras' own (unfused) BatchNormalization")
     args = p.parse_args()
     if args.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(args.mixed_precision)
     keras.utils.set_random_seed(0)
     model = common.make_model(args.backbone, args.image_size, num_train=4 * args.batch,
-                              relation=args.relation_features)
+                              relation=args.relation_features, fused_bn=not args.keras_bn)
     model.compile(optimizer=keras.optimizers.Adam(1e-4))
     batch = {k: tf.constant(v) for k, v in common.make_batch(args.batch, args.image_size).items()}
     student, teacher = model.student, model.teacher
@@ -49,7 +50,7 @@ def main():
         with tf.GradientTape() as tape:
             _, logits = student(data["student_view"], training=True)
             loss = losses.supervised_loss(logits, data["label"], data["labeled"] > 0, multi_label=False,
-                                          num_labeled=tf.reduce_sum(data["labeled"]))
+                                          normalizer=tf.reduce_sum(data["labeled"]))
             loss += 0.5 * model.weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(w, tf.float32)))
                                                          for w in variables])
             scaled = sup_opt.scale_loss(loss)
@@ -98,13 +99,15 @@ def main():
     r["stsc_images_per_s"] = args.batch / r["stsc_s"]
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"{args.backbone} at {args.image_size} px, batch {args.batch}, relation_features={args.relation_features},"
-          f" {device}, precision {args.mixed_precision}, XLA {'on' if args.jit_compile else 'off'}")
+          f" {device}, precision {args.mixed_precision}, XLA {'on' if args.jit_compile else 'off'}, "
+          f"{'Keras' if args.keras_bn else 'fused'} BatchNorm")
     print(f"  images/s: supervised {r['supervised_images_per_s']:.1f}, STSC {r['stsc_images_per_s']:.1f}")
     for k in ("supervised_s", "stsc_s", "teacher_forward_s", "relation_tsc_s", "ema_update_s", "memory_update_s"):
         print(f"  {k[:-2]:<16} {1000 * r[k]:9.1f} ms  ({r[k] / r['supervised_s']:.2f} x supervised)")
     print(f"  STSC / supervised = {r['ratio_stsc_over_supervised']:.2f} (target <= 1.40)")
     print(json.dumps({"benchmark": "step_cost", "backbone": args.backbone, "image_size": args.image_size,
                       "batch": args.batch, "device": device, "mixed_precision": args.mixed_precision,
+                      "fused_bn": not args.keras_bn,
                       "jit_compile": args.jit_compile, **{k: round(v, 4) for k, v in r.items()}}))
 
 
