@@ -38,7 +38,9 @@ def finite_weights(model: keras.Model) -> bool:
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite term (naming it and the step) or non-finite validation predictions."""
+    """Stops training at the first non-finite term (naming it and the step), non-finite validation predictions, or
+    non-finite weights at an epoch's end. Checkpoints and backups read `message`: an epoch it flags is never saved.
+    """
 
     def __init__(self):
         super().__init__()
@@ -63,6 +65,12 @@ class NonFiniteGuard(keras.callbacks.Callback):
         if logs.get("val_nonfinite", 0) > 0:
             self._stop(f"non-finite validation predictions after epoch {epoch + 1} ({int(logs['val_nonfinite'])} "
                        "values); nothing from this epoch was saved. Lower --learning_rate or check the data")
+        elif _finite_logs(logs):
+            self._stop(f"non-finite {', '.join(_finite_logs(logs))} in epoch {epoch + 1}; nothing from this epoch "
+                       "was saved")
+        elif not finite_weights(self.model):
+            self._stop(f"non-finite weights after epoch {epoch + 1} (the updates overflowed); nothing from this "
+                       "epoch was saved. Lower --learning_rate")
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -88,8 +96,8 @@ class EpochLog(keras.callbacks.Callback):
 class Checkpoints(keras.callbacks.Callback):
     """last.weights.h5 after every finished epoch; best.weights.h5 (+ best.json) when `monitor` improves.
 
-    Both are written atomically, never from an epoch the guard stopped or with non-finite weights; a non-finite or
-    missing monitor value never makes a checkpoint "best". The best value so far is read back from best.json on a
+    Both are written atomically, never from an epoch the guard flagged (non-finite terms, weights or validation
+    predictions); a non-finite or missing monitor value never makes a checkpoint "best". The best value so far is read back from best.json on a
     resume, so a resumed run keeps comparing against it.
     """
 
@@ -108,7 +116,7 @@ class Checkpoints(keras.callbacks.Callback):
         return value > self.best if self.mode == "max" else value < self.best
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.guard.message or _finite_logs(logs) or not finite_weights(self.model):
+        if self.guard.message:
             return
         run_folder.atomic_save_weights(self.model, os.path.join(self.model_dir, run_folder.LAST))
         value = (logs or {}).get(self.monitor)
@@ -121,15 +129,15 @@ class Checkpoints(keras.callbacks.Callback):
 
 
 class Backup(keras.callbacks.Callback):
-    """The resumable state after each finished epoch (`run_folder.write_backup`), unless the epoch went non-finite."""
+    """The resumable state after each finished epoch (`run_folder.write_backup`), unless the guard flagged it."""
 
     def __init__(self, backup_dir: str, guard: NonFiniteGuard):
         super().__init__()
         self.backup_dir, self.guard = backup_dir, guard
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.guard.message or _finite_logs(logs) or not finite_weights(self.model):
-            log.warning("epoch %d is not backed up: its state is not finite", epoch + 1)
+        if self.guard.message:
+            log.warning("epoch %d is not backed up: %s", epoch + 1, self.guard.message.split(";")[0])
             return
         run_folder.write_backup(self.model, self.backup_dir, epoch + 1,
                                 {"iterations": int(self.model.optimizer.iterations)})

@@ -162,6 +162,13 @@ def evaluate_run(model_dir: str, split: str = "test", which=NETWORKS, checkpoint
     except DataError as e:
         raise ConfigError(f"--data_dir: {e}") from None
     check_records(records, run, "--data_dir" if data_dir else f"the run's data_dir ({run['data_dir']})")
+    with records.reading():
+        return _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds, fit,
+                         criterion, method)
+
+
+def _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds, fit, criterion,
+              method) -> dict:
     if fit:
         fit_thresholds(model, records, cfg, model_dir, which, criterion, method, checkpoint)
         print(f"wrote {os.path.join(model_dir, CALIBRATION)} and reliability_val_*.png (fitted on the validation "

@@ -52,6 +52,20 @@ def atomic_path(path: str, suffix: str = ""):
         raise
 
 
+def remove_stale_temps(folder: str) -> list[str]:
+    """Removes the temporary files (`.NAME.XXXX.tmp*`) that a killed writer left in `folder`; returns their names.
+
+    Call it only while no other process writes there (e.g. under the run folder's lock).
+    """
+    if not os.path.isdir(folder):
+        return []
+    stale = [e for e in os.listdir(folder) if e.startswith(".") and ".tmp" in e and
+             os.path.isfile(os.path.join(folder, e))]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return stale
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)

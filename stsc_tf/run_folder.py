@@ -196,13 +196,17 @@ def read_run_info(model_dir: str) -> dict:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
 
 
-def check_same_data(model_dir: str, run_info: dict, labeled_ids: list[str]) -> None:
-    """On a resume: the records (by content) and the labeled subset must be the run's."""
+def check_same_records(model_dir: str, data_dir: str, fingerprint: str) -> None:
+    """On a resume: the records must be the run's, by content (their folder may have moved)."""
     stored = read_run_info(model_dir)
-    if stored.get("records_fingerprint") and stored["records_fingerprint"] != run_info["records_fingerprint"]:
-        raise ConfigError(f"--data_dir={run_info['data_dir']!r} holds other records than the run in "
-                          f"{model_dir} was trained on ({stored.get('data_dir')}); use the same conversion, or a "
-                          "new --model_dir")
+    if stored.get("records_fingerprint") and stored["records_fingerprint"] != fingerprint:
+        raise ConfigError(f"--data_dir={data_dir!r} holds other records than the run in {model_dir} was trained on "
+                          f"({stored.get('data_dir')}); use the same conversion, or a new --model_dir")
+
+
+def check_same_data(model_dir: str, run_info: dict, labeled_ids: list[str]) -> None:
+    """On a resume: the classes, the train split and the labeled subset must be the run's."""
+    stored = read_run_info(model_dir)
     for key in ("class_names", "task", "num_train"):
         if stored.get(key) != run_info[key]:
             raise ConfigError(f"--data_dir: {key} is {run_info[key]!r}, the run in {model_dir} has {stored.get(key)!r}")

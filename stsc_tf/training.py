@@ -29,7 +29,7 @@ from stsc_tf.data.batches import check_batch
 from stsc_tf.data.pipeline import RecordSet, distribute_per_worker, eval_dataset, train_dataset
 from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import ConfigError, DataError, STSCError
-from stsc_tf.files import read_csv
+from stsc_tf.files import read_csv, remove_stale_temps
 from stsc_tf.models.backbones import RELATION_FEATURES, resolve_backbone
 
 log = logging.getLogger("stsc_tf.train")
@@ -197,6 +197,9 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200, allow_ch
     model_dir, _ = writer_dir(cfg.train.model_dir, strategy)
     run_folder.check_writable(model_dir)
     with run_folder.RunLock(model_dir):
+        for folder in (model_dir, os.path.join(model_dir, run_folder.BACKUP)):
+            for name in remove_stale_temps(folder):
+                log.info("removed %s, a partial file left by a killed run", os.path.join(folder, name))
         stored = run_folder.read_config(model_dir)
         if stored is not None:
             run_folder.check_same_run(stored, cfg, allow_changes)
@@ -207,6 +210,9 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200, allow_ch
 
 def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: bool, extra_callbacks, bootstrap: int,
            t0: float) -> dict:
+    fingerprint = run_folder.records_fingerprint(records.manifest)
+    if resuming:  # first the records, by content (before their tables are read)
+        run_folder.check_same_records(model_dir, records.data_dir, fingerprint)
     labeled_idx, label_table = labeled_selection(records, cfg)
     table = records.table("train")
     labeled_ids = [table["id"][i] for i in labeled_idx]
@@ -215,7 +221,7 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
     run_info = {"class_names": records.class_names, "task": records.task, "num_train": num_train,
                 "steps_per_epoch": steps, "labeled": len(labeled_idx), "labeled_share": len(labeled_idx) / num_train,
                 "replicas": strategy.num_replicas_in_sync, "data_dir": os.path.abspath(records.data_dir),
-                "records_fingerprint": run_folder.records_fingerprint(records.manifest)}
+                "records_fingerprint": fingerprint}
     if resuming:
         run_folder.check_same_data(model_dir, run_info, labeled_ids)
     else:
@@ -223,8 +229,9 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
     if cfg.train.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
     try:
-        return _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, label_table, resuming,
-                             extra_callbacks, bootstrap, t0)
+        with records.reading():
+            return _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, label_table, resuming,
+                                 extra_callbacks, bootstrap, t0)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

@@ -4,6 +4,7 @@ converter's worker processes start in a fraction of a second)."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 
@@ -76,15 +77,19 @@ def validate_image(args) -> tuple[int, str | None, tuple | None]:
 
     limit_pixels(max_pixels)
     try:
-        with Image.open(path) as im:  # reads the header only
+        with Image.open(path) as im:  # reads the header only (PIL itself refuses twice the limit here)
             fmt = FORMATS.get(im.format or "", "")
             if im.width * im.height > max_pixels:
-                return i, (f"image is {im.width} x {im.height} = {im.width * im.height} pixels, above the limit "
+                return i, (f"image has {im.width * im.height} pixels ({im.width} x {im.height}), above the limit "
                            f"of {max_pixels} (--max_image_pixels)"), None
             im.load()  # a full decode: raises on truncated / corrupt data
             size = (im.height, im.width)
         if not fmt:  # stored re-encoded as PNG: check that conversion too
             encode_image(path, image_size=0)
+    except Image.DecompressionBombError as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        return i, (f"image has {pixels.group(1) if pixels else 'more'} pixels, above the limit of {max_pixels} "
+                   "(--max_image_pixels)"), None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         return i, f"corrupt or truncated image ({type(e).__name__}: {e})", None
     return i, None, ((fmt, *size) if fmt else None)

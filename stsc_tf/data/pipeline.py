@@ -8,6 +8,7 @@ augmenting all run in tf.data with AUTOTUNE.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,7 +20,7 @@ import tensorflow as tf
 from stsc_tf.config import DataConfig
 from stsc_tf.data import augment, features
 from stsc_tf.data.batches import Augmentation, check_batch, compose, two_views
-from stsc_tf.data.convert import load_manifest, shard_paths
+from stsc_tf.data.convert import damaged_shards, load_manifest, shard_paths
 from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import DataError
 
@@ -64,11 +65,26 @@ class RecordSet:
         out = np.zeros((len(table), self.num_classes), np.float32)
         for i, names in enumerate(table["labels"]):
             for n in filter(None, str(names).split("|")):
+                if n not in self.class_names:
+                    raise DataError(f"{self.data_dir}/{split}.csv row {i + 2}: class {n!r} is not in the manifest's "
+                                    f"{self.class_names}; the conversion is damaged: convert again")
                 out[i, self.class_names.index(n)] = 1.0
         return out
 
     def files(self, split: str) -> list[str]:
         return shard_paths(self.data_dir, self.manifest, split)
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Turns TensorFlow's "corrupted record" into a DataError naming the damaged shard(s) (checked by hash)."""
+        try:
+            yield
+        except tf.errors.DataLossError as e:
+            damaged = damaged_shards(self.data_dir, self.manifest)
+            what = f"shard(s) {damaged}" if damaged else "a shard"
+            raise DataError(f"{self.data_dir}: {what} cannot be read ({e.message.split('}')[-1].strip()[:120]}); "
+                            f"the bytes changed after the conversion. Check with python -m stsc_tf.convert --verify "
+                            f"--output_dir={self.data_dir}, then convert again") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -212,13 +212,18 @@ def feature_map_layer(network: keras.Model) -> str:
 
 
 def _last_feature_map(model: keras.Model):
-    for layer in reversed(model.layers[:-1]):
+    """The last 4-D output with a spatial extent (a feature map; a 1x1 map is taken only when there is no other)."""
+    maps = []
+    for layer in model.layers[:-1]:
         try:
             if len(layer.output.shape) == 4:
-                return layer.output
+                maps.append(layer.output)
         except (AttributeError, ValueError):
             continue
-    raise ValueError(f"{model.name}: no layer with a 4-D output; pass layer= the name of one")
+    spatial = [m for m in maps if (m.shape[1] or 2) * (m.shape[2] or 2) > 1]
+    if not maps:
+        raise ValueError(f"{model.name}: no layer with a 4-D output; pass layer= the name of one")
+    return (spatial or maps)[-1]
 
 
 def with_relation_output(model: keras.Model, layer: str | None = None) -> keras.Model:
@@ -229,7 +234,7 @@ def with_relation_output(model: keras.Model, layer: str | None = None) -> keras.
         applies softmax or sigmoid, that activation is removed (STSC's losses take logits): an `Activation` /
         `Softmax` layer is skipped, a Dense with such an activation is replaced by a copy without it (same weights).
       layer: name of the layer whose output are the relation features (a feature map [B, h, w, C] or a vector
-        [B, D]); default: the last layer with a 4-D output.
+        [B, D]); default: the last layer with a 4-D output larger than 1 x 1 (the last feature map).
 
     Returns:
       A functional keras.Model sharing `model`'s layers (training it trains them), with outputs

@@ -8,13 +8,17 @@ so an upgrade that renames or changes one fails there, by name, instead of deep 
   STSCModel creates every variable in `__init__`, so there is nothing to build.
 - `compiled_metrics`: the container `compile(metrics=...)` creates (`Trainer._compile_metrics`), so an STSCModel
   can update it in its own `test_step` and list it in its own `metrics`.
-- `build_compiled_metrics`: builds that container from symbolic `[None, K]` tensors at compile time, under the
-  strategy's scope (what `_symbolic_build` would have done), so no metric variable is created inside a traced step.
+- `build_compiled_metrics`: builds that container, and the state of every metric in it, from symbolic `[None, K]`
+  tensors at compile time (`keras.src.backend.compute_output_spec`, what `_symbolic_build` would have done), so no
+  metric variable is created inside a traced step (some metrics, e.g. F1Score, create theirs on first update).
+- `mark_built`: sets `built` on a model whose variables were all created in `__init__` (Keras would otherwise try to
+  build it from the first batch).
 """
 
 from __future__ import annotations
 
 import keras
+from keras.src.backend import compute_output_spec
 
 
 class SkipSymbolicBuild:
@@ -22,6 +26,11 @@ class SkipSymbolicBuild:
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         return
+
+
+def mark_built(model: keras.Model) -> None:
+    """Declares `model` built: every variable it needs exists already."""
+    model.built = True
 
 
 def compiled_metrics(model: keras.Model):
@@ -34,4 +43,4 @@ def build_compiled_metrics(model: keras.Model, num_classes: int) -> None:
     container = compiled_metrics(model)
     if container is not None and not container.built:
         spec = keras.KerasTensor((None, num_classes), dtype="float32")
-        container.build(spec, spec)
+        compute_output_spec(container.update_state, spec, spec)

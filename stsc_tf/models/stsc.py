@@ -45,7 +45,7 @@ import tensorflow as tf
 from stsc_tf import losses, schedules
 from stsc_tf.config import LossConfig
 from stsc_tf.models import backbones
-from stsc_tf.models.keras_internals import SkipSymbolicBuild, build_compiled_metrics, compiled_metrics
+from stsc_tf.models.keras_internals import SkipSymbolicBuild, build_compiled_metrics, compiled_metrics, mark_built
 
 REQUIRED_KEYS = ("student_view", "teacher_view", "label", "labeled", "index")
 
@@ -201,7 +201,7 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         self.val_loss_tracker = keras.metrics.Mean(name="loss")
         self.val_auc = keras.metrics.AUC(multi_label=True, num_labels=self.num_classes, name="auc")
         self.val_nonfinite = keras.metrics.Sum(name="nonfinite")
-        self.built = True  # every variable exists now; no build() from data is needed
+        mark_built(self)  # every variable exists now; no build() from data is needed
 
     @classmethod
     def from_backbone(cls, backbone: str, *, num_classes: int, image_size: int, weights: str = "none",
@@ -244,6 +244,11 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
     def non_trainable_weights(self):
         trainable = {id(v) for v in self.trainable_weights}
         return [v for v in self.weights if id(v) not in trainable]
+
+    def count_params(self) -> int:
+        """The student's parameters: the network being trained (the teacher is its moving average, the TSC memory
+        is state, and `summary()` lists both as non-trainable)."""
+        return self.student.count_params()
 
     @property
     def metrics(self):

@@ -48,6 +48,10 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
         require_columns(header, names, csv_path)
     if not names:
         raise DataError(f"{csv_path}: no class columns found")
+    bad = [n for n in names if "|" in n or "\n" in n or n != n.strip()]
+    if bad:
+        raise DataError(f"{csv_path}: class names {bad} contain '|', a line break or outer spaces ('|' separates "
+                        "class names in the split CSVs); rename them")
     i_img = header.index(image_column)
     ids = [r[i_img].strip() for r in rows]
     check_unique_ids(ids, csv_path, lines)
