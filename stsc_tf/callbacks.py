@@ -55,7 +55,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         bad = _finite_logs(logs)
         if bad:
-            step = int(self.model.optimizer.iterations)
+            step = int(self.model.optimizer.iterations.numpy())
             self._stop(f"non-finite {', '.join(bad)} at step {step}; nothing from this epoch was saved. Lower "
                        "--learning_rate, check the data, or set that term's weight to 0 (in a new --model_dir; "
                        "--init_from=<this run folder> starts from its best checkpoint)")
@@ -140,7 +140,7 @@ class Backup(keras.callbacks.Callback):
             log.warning("epoch %d is not backed up: %s", epoch + 1, self.guard.message.split(";")[0])
             return
         run_folder.write_backup(self.model, self.backup_dir, epoch + 1,
-                                {"iterations": int(self.model.optimizer.iterations)})
+                                {"iterations": int(self.model.optimizer.iterations.numpy())})
 
 
 class ProgressLog(keras.callbacks.Callback):

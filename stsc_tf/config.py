@@ -96,9 +96,12 @@ class LossConfig:
       class_weighted_supervised: weight L_s per class by 10000 / class count (SRC-MT's weighted CE; normalised by
         the sum of the weights, PyTorch's `CrossEntropyLoss(weight=...)`). The counts are the labeled subset's.
       tsc_start_epoch: TSC is on from this epoch (the paper's "late training stage").
-      tsc_tau: the edge threshold. With tsc_tau_mode='relative' (default) the threshold is tsc_tau / sqrt(B),
-        so the graph means the same thing at any global batch size; 'absolute' uses tsc_tau as is (eq. 5).
-      tsc_tau_mode: 'relative' | 'absolute' | 'quantile' (tau is the quantile of the off-diagonal entries).
+      tsc_tau: the edge threshold's parameter (see tsc_tau_mode).
+      tsc_tau_mode: 'zscore' (default: an edge where R_ij >= mean + tau * std of row i's off-diagonal entries; on
+        real post-ReLU features the entries all sit near 1/sqrt(B), and only a rule relative to each row's spread
+        yields sub-structures, BUILD.md) | 'relative' (tau / sqrt(B)) | 'absolute' (tau, eq. 5 literally) |
+        'quantile' (the tau-quantile of the off-diagonal entries: a fixed edge density).
+      tsc_edges: 'mutual' (default: a pair is connected when R_ij and R_ji both pass the threshold) | 'either'.
       tsc_substructure: 'component' (connected components of the stable graph) | 'edge' (ablation: P = S).
       tsc_memory_dtype: dtype of the per-sample relation-feature memory.
     """
@@ -113,7 +116,8 @@ class LossConfig:
     class_weighted_supervised: bool = False
     tsc_start_epoch: float = 40.0
     tsc_tau: float = 1.0
-    tsc_tau_mode: str = "relative"
+    tsc_tau_mode: str = "zscore"
+    tsc_edges: str = "mutual"
     tsc_substructure: str = "component"
     tsc_memory_dtype: str = "float16"
 

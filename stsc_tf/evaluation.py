@@ -1,7 +1,9 @@
-"""Predictions and evaluation of a run: metrics tables, ROC curves, validated thresholds and calibration.
+"""Predictions and evaluation of a run: metrics tables, ROC curves, validated thresholds and calibration, and
+predictions for new images.
 
     python -m stsc_tf.evaluate --model_dir=runs/isic --split=test
     python -m stsc_tf.evaluate --model_dir=runs/isic --fit_thresholds      # on the validation split only
+    python -m stsc_tf.predict --model_dir=runs/isic --images='new/**/*.jpg' --out=preds.csv
 
 Paper protocol: every class thresholded at p >= 0.18 (SRC-MT's metric code), right for reproducing the paper's
 tables. For deployment, `--fit_thresholds` chooses per-class thresholds (Youden's J, or max F1) and a calibration
@@ -12,20 +14,28 @@ expected calibration error of each, and `predict` and `export` use them.
 
 from __future__ import annotations
 
+import concurrent.futures
+import csv
 import datetime
+import itertools
 import logging
 import os
+import time
 
 import keras
 import numpy as np
+import pandas as pd
+import tensorflow as tf
 
 from stsc_tf import calibration as calibration_lib
-from stsc_tf import figures
+from stsc_tf import figures, selection
 from stsc_tf import metrics as metrics_lib
-from stsc_tf.config import Config
+from stsc_tf.config import MAX_IMAGE_PIXELS, Config
+from stsc_tf.data import augment
+from stsc_tf.data.image_files import decode_reason, expand_images, read_image_bytes
 from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError, DataError
-from stsc_tf.files import atomic_write_json
+from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json
 from stsc_tf.losses import probabilities
 from stsc_tf.run_folder import CALIBRATION, load_run, read_calibration, write_metrics
 
@@ -195,3 +205,137 @@ def _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, boo
         print(f"{name}: {extra}; AUC 95% CI {r.get('paper_ci95', {}).get('auc')}")
     print(f"wrote {os.path.join(model_dir, f'eval_{split}.json')}, eval_{split}.md and roc_{split}_*.png")
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predicting new images: python -m stsc_tf.predict
+# ----------------------------------------------------------------------------------------------------------------
+def _image_input(path: str, image_size: int, max_pixels: int):
+    """(model input [S, S, 3], None) of one file, or (None, the reason it cannot be read)."""
+    try:
+        data = read_image_bytes(path)
+        image = augment.decode(tf.constant(data), max_pixels)
+        return augment.eval_preprocess(image, image_size).numpy(), None
+    except DataError as e:
+        return None, str(e)
+    except tf.errors.InvalidArgumentError as e:
+        return None, decode_reason(e)
+
+
+def _path_batches(paths, image_size: int, max_pixels: int, batch_size: int):
+    """Yields [(path, input or None, reason or None)] per batch, decoding the next batch while the model runs."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        iterator = iter(paths)
+        load = lambda p: (p, *_image_input(p, image_size, max_pixels))  # noqa: E731
+        pending = list(pool.map(load, itertools.islice(iterator, batch_size)))
+        while pending:
+            upcoming = pool.map(load, list(itertools.islice(iterator, batch_size)))  # runs while we yield
+            yield pending
+            pending = list(upcoming)
+
+
+def _list_file(path: str):
+    """The paths of an --image_list file, one per line, read lazily (blank lines and # comments left out)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--image_list={path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def decisions(probs: np.ndarray, thresholds, class_names: list[str], multi_label: bool) -> dict[str, list[str]]:
+    """The decision columns: single-label `prediction` (argmax) and `flagged` (classes with p >= threshold, a
+    one-vs-rest screen); multi-label `positive` (the findings with p >= threshold, '|'-joined)."""
+    above = probs >= np.asarray(thresholds, np.float64)[None, :]  # [N, K]
+    joined = ["|".join(c for c, on in zip(class_names, row) if on) for row in above]
+    if multi_label:
+        return {"positive": joined}
+    return {"prediction": [class_names[i] for i in probs.argmax(1)], "flagged": joined}
+
+
+def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir: str = "", split: str = "test",
+                out: str = "predictions.csv", which: str = "", batch_size: int = 32, thresholds: str = "paper",
+                checkpoint: str = "best", max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
+    """Predicts image files (or a split of records) with a run's network, streaming to a CSV written atomically.
+
+    Columns: path (or id), p_<class> per class (calibrated with thresholds='validated'), the decisions
+    (`decisions`), entropy and disagreement (student vs teacher; `selection.uncertainty_components`) and their
+    mean, `uncertainty`. Unreadable files go to `<out>.skipped.csv` with the reason, and are counted.
+    """
+    cfg, run, model = load_run(model_dir, checkpoint)
+    which = which or cfg.train.eval_with
+    class_names, multi_label = run["class_names"], run["task"] == "multi_label"
+    fitted = read_calibration(model_dir)
+    if thresholds == "validated":
+        if fitted is None or which not in fitted["networks"]:
+            raise ConfigError(f"--thresholds=validated: {model_dir} has no calibration for the {which}; run "
+                              "python -m stsc_tf.evaluate --fit_thresholds first")
+        entry = fitted["networks"][which]
+        cal, cuts = calibration_lib.Calibration.from_dict(entry["calibration"]), entry["thresholds"]
+    else:
+        cal, cuts = None, [cfg.train.threshold] * len(class_names)
+    header = (["id" if data_dir else "path"] + [f"p_{c}" for c in class_names]
+              + (["positive"] if multi_label else ["prediction", "flagged"]) + ["entropy", "disagreement",
+                                                                                  "uncertainty"])
+    skipped_path = os.path.splitext(out)[0] + ".skipped.csv"
+    count, skipped, t0 = 0, 0, time.time()
+    progress = keras.utils.Progbar(None, unit_name="image")
+
+    def write(writer, names, z_chosen, z_s, z_t):
+        probs = cal.apply(z_chosen) if cal is not None else probabilities(z_chosen, multi_label).numpy()
+        parts = selection.uncertainty_components(probabilities(z_s, multi_label).numpy().astype(np.float64),
+                                                 probabilities(z_t, multi_label).numpy().astype(np.float64),
+                                                 multi_label=multi_label)
+        decided = decisions(probs, cuts, class_names, multi_label)
+        mean = (parts["entropy"] + parts["disagreement"]) / 2
+        for i, name in enumerate(names):
+            writer.writerow([name, *(f"{p:.6f}" for p in probs[i]), *(decided[k][i] for k in decided),
+                             f"{parts['entropy'][i]:.6f}", f"{parts['disagreement'][i]:.6f}", f"{mean[i]:.6f}"])
+
+    def forward(x):
+        (_, z_s), (_, z_t) = model.student(x, training=False), model.teacher(x, training=False)
+        z_s, z_t = np.asarray(z_s, np.float64), np.asarray(z_t, np.float64)
+        return (z_s if which == "student" else z_t), z_s, z_t
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f, \
+            atomic_path(skipped_path) as tmp_skipped, open(tmp_skipped, "w", newline="", encoding="utf-8") as g:
+        writer, skip_writer = csv.writer(f), csv.writer(g)  # both streamed: memory stays constant
+        writer.writerow(header)
+        skip_writer.writerow(["path", "why"])
+        if data_dir:
+            records = RecordSet.open(data_dir)
+            check_records(records, run)
+            with records.reading():
+                for batch in eval_dataset(records, split, cfg.data.image_size, batch_size):
+                    z, z_s, z_t = forward(batch["image"])
+                    refuse_nonfinite(which, split, [i.decode() for i in batch["id"].numpy()], z)
+                    write(writer, [i.decode() for i in batch["id"].numpy()], z, z_s, z_t)
+                    count += len(z)
+                    progress.add(len(z))
+        else:
+            paths = expand_images(images) if images else _list_file(image_list)
+            for batch in _path_batches(paths, cfg.data.image_size, max_pixels, batch_size):
+                good = [(p, x) for p, x, _ in batch if x is not None]
+                bad_files = [(p, why) for p, x, why in batch if x is None]
+                if good:
+                    z, z_s, z_t = forward(np.stack([x for _, x in good]))
+                    bad = ~np.isfinite(z).all(axis=1)
+                    bad_files += [(p, "the network's output is not finite") for (p, _), b in zip(good, bad) if b]
+                    write(writer, [p for (p, _), b in zip(good, bad) if not b], z[~bad], z_s[~bad], z_t[~bad])
+                    count += int((~bad).sum())
+                skip_writer.writerows(bad_files)
+                skipped += len(bad_files)
+                progress.add(len(batch))
+    if not skipped:
+        os.remove(skipped_path)
+    seconds = time.time() - t0
+    summary = {"predicted": count, "skipped": skipped, "out": os.path.abspath(out),
+               "skipped_csv": os.path.abspath(skipped_path) if skipped else None, "network": which,
+               "thresholds": thresholds, "images_per_s": count / max(seconds, 1e-9)}
+    print(f"\npredicted {count} image(s), skipped {skipped}, with the {which} ({thresholds} thresholds) in "
+          f"{seconds:.1f} s ({summary['images_per_s']:.1f} images/s)\n  predictions: {summary['out']}"
+          + (f"\n  skipped:     {summary['skipped_csv']}" if skipped else ""))
+    return summary

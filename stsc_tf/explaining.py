@@ -198,14 +198,16 @@ def relations_run(model_dir: str, out: str = "", checkpoint: str = "best") -> li
 # ----------------------------------------------------------------------------------------------------------------
 # Stable sub-structures.
 # ----------------------------------------------------------------------------------------------------------------
-def stable_components(r_now: np.ndarray, r_prev: np.ndarray, tau: float, tau_mode: str) -> tuple[list, np.ndarray]:
+def stable_components(r_now: np.ndarray, r_prev: np.ndarray, tau: float, tau_mode: str,
+                      edges: str = "mutual") -> tuple[list, np.ndarray]:
     """(components with >= 2 members, largest first; stable edges [B, B] bool) between two relation matrices.
 
     The same rule as training's L_tc mask (`losses.stable_substructure_mask`), every sample counted as seen.
     """
     b = len(r_now)
     mask, _ = losses.stable_substructure_mask(tf.constant(r_now, tf.float32), tf.constant(r_prev, tf.float32),
-                                              seen=tf.ones([b], tf.bool), tau=tau, tau_mode=tau_mode, mode="edge")
+                                              seen=tf.ones([b], tf.bool), tau=tau, tau_mode=tau_mode, mode="edge",
+                                              edges=edges)
     edges = mask.numpy() > 0
     comp = losses.connected_components(tf.constant(edges)).numpy()
     components, done = [], set()
@@ -248,7 +250,7 @@ def substructures_run(model_dir: str, out: str = "", checkpoint: str = "best", t
         r_now = relation_matrices(model, batch["image"])[0]
         r_prev = relation_matrices(last, batch["image"])[0]
         epochs = "the best and the last checkpoints"
-    components, edges = stable_components(r_now, r_prev, tau, tau_mode)
+    components, edges = stable_components(r_now, r_prev, tau, tau_mode, cfg.loss.tsc_edges)
     path = os.path.join(out or model_dir, "substructures.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sizes = ", ".join(str(len(c)) for c in components) or "none"

@@ -28,6 +28,7 @@ import shutil
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from stsc_tf import losses
 from stsc_tf.config import MAX_IMAGE_PIXELS
@@ -129,8 +130,6 @@ def _remove_incomplete(parent: str) -> None:
 
 def python_ops(path: str) -> set[str]:
     """The Python-only op types in a SavedModel's graph and function library (empty = a C++ server can run it)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
     sm = saved_model_pb2.SavedModel()
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
         sm.ParseFromString(f.read())

@@ -11,6 +11,7 @@ import io
 import math
 
 import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from stsc_tf.files import atomic_write_bytes
 
@@ -37,8 +38,6 @@ def _pixels(image: np.ndarray) -> np.ndarray:
 
 def roc_figure(y: np.ndarray, probs: np.ndarray, class_names: list[str], title: str, path: str) -> None:
     """One-vs-rest ROC curve per class (classes absent from the split are skipped)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for c, name in enumerate(class_names):
@@ -64,7 +63,7 @@ def reliability_figure(curves: dict[str, dict], eces: dict[str, float], title: s
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
     for name, curve in curves.items():
-        ax.plot(curve["confidence"], curve["frequency"], "o-", ms=4, label=f"{name} (ECE {eces[name]:.3f})")
+        ax.plot(curve["confidence"], curve["observed"], "o-", ms=4, label=f"{name} (ECE {eces[name]:.3f})")
     ax.set(xlabel="predicted probability (bin mean)", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
            title=title)
     ax.legend(fontsize=8, loc="upper left")

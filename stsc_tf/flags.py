@@ -140,9 +140,11 @@ TRAIN_FLAGS = {
         "class_weighted_supervised": ("weight the CE per class by 10000 / class count of the labeled subset, "
                                       "normalised by the summed weights (SRC-MT / PyTorch)"),
         "tsc_start_epoch": "TSC is on from this epoch (the paper's late training stage)",
-        "tsc_tau": "TSC edge threshold (see --tsc_tau_mode)",
-        "tsc_tau_mode": ("relative: tau/sqrt(B); absolute: tau; quantile: tau-quantile of R",
-                         ("relative", "absolute", "quantile")),
+        "tsc_tau": "TSC edge threshold's parameter (see --tsc_tau_mode); watch tsc_largest_component",
+        "tsc_tau_mode": ("zscore: R_ij >= row mean + tau * row std (default); relative: tau/sqrt(B); absolute: tau; "
+                         "quantile: the tau-quantile of R", ("zscore", "relative", "absolute", "quantile")),
+        "tsc_edges": ("mutual: a pair is connected when R_ij and R_ji both pass the threshold; either: one of them",
+                      ("mutual", "either")),
         "tsc_substructure": ("component: connected components; edge: stable edges only (ablation)",
                              ("component", "edge")),
         "tsc_memory_dtype": ("dtype of the TSC memory", ("float16", "float32")),

@@ -38,25 +38,38 @@ def spatial_structure_loss(r_student: tf.Tensor, r_teacher: tf.Tensor) -> tf.Ten
     return tf.reduce_sum(tf.square(r_student - tf.stop_gradient(r_teacher))) / b
 
 
-def tsc_threshold(r: tf.Tensor, tau: float, mode: str) -> tf.Tensor:
-    """The edge threshold of eq. 5 for a [B, B] matrix.
+TAU_MODES = ("zscore", "relative", "absolute", "quantile")
 
-    'absolute': tau as given. 'relative': tau / sqrt(B) (a row of B comparable non-negative entries, L2-normalised,
-    has entries near 1/sqrt(B), so this keeps the graph's meaning at any batch size). 'quantile': the tau-quantile
-    of the off-diagonal entries of r.
+
+def tsc_threshold(r: tf.Tensor, tau: float, mode: str) -> tf.Tensor:
+    """The edge threshold of eq. 5 for a [B, B] relation matrix: a scalar, or [B, 1] (one per row).
+
+    'zscore' (default): per row i, mean_i + tau * std_i of the row's off-diagonal entries. An edge is a relation
+      that stands out from that sample's relations to the rest of the batch, whatever their common level; on
+      post-ReLU features every entry sits near the same value and only this rule still separates them (BUILD.md,
+      "Temporal sub-structures on real features").
+    'relative': tau / sqrt(B) (a row of B comparable non-negative entries, L2-normalised, has entries near
+      1/sqrt(B)). 'absolute': tau as given (eq. 5 read literally). 'quantile': the tau-quantile of the off-diagonal
+      entries (a fixed edge density).
     """
     b = tf.shape(r)[0]
     if mode == "absolute":
         return tf.constant(tau, tf.float32)
     if mode == "relative":
         return tau / tf.sqrt(tf.cast(b, tf.float32))
+    off = ~tf.eye(b, dtype=tf.bool)
+    if mode == "zscore":
+        n = tf.maximum(tf.cast(b - 1, tf.float32), 1.0)
+        offdiag = tf.where(off, r, 0.0)
+        mean = tf.reduce_sum(offdiag, axis=1, keepdims=True) / n  # [B, 1]
+        var = tf.reduce_sum(tf.where(off, tf.square(r - mean), 0.0), axis=1, keepdims=True) / n  # [B, 1]
+        return mean + tau * tf.sqrt(var)
     if mode == "quantile":
-        off = tf.boolean_mask(r, ~tf.eye(b, dtype=tf.bool))
-        values = tf.sort(off)
+        values = tf.sort(tf.boolean_mask(r, off))
         n = tf.shape(values)[0]
         k = tf.clip_by_value(tf.cast(tf.round(tau * tf.cast(n - 1, tf.float32)), tf.int32), 0, tf.maximum(n - 1, 0))
         return values[k]
-    raise ValueError(f"tsc_tau_mode must be 'absolute', 'relative' or 'quantile', got {mode!r}")
+    raise ValueError(f"tsc_tau_mode must be one of {TAU_MODES}, got {mode!r}")
 
 
 def connected_components(adjacency: tf.Tensor) -> tf.Tensor:
@@ -83,11 +96,15 @@ def connected_components(adjacency: tf.Tensor) -> tf.Tensor:
 
 
 def stable_substructure_mask(r_now: tf.Tensor, r_prev: tf.Tensor, *, seen: tf.Tensor, tau: float,
-                             tau_mode: str = "relative", mode: str = "component") -> tuple[tf.Tensor, dict]:
+                             tau_mode: str = "zscore", mode: str = "component",
+                             edges: str = "mutual") -> tuple[tf.Tensor, dict]:
     """The pairs whose relation L_tc keeps stable (section 2.3, eq. 5).
 
-    A_now = R_now >= t and A_prev = R_prev >= t (t from `tsc_threshold` on R_now). Stable edges S = A_now AND
-    A_prev AND both samples seen before, symmetrised (an edge in either direction), no self loops.
+    A_now = R_now >= t(R_now) and A_prev = R_prev >= t(R_prev), each graph by its own threshold (`tsc_threshold`:
+    a row's threshold for 'zscore'). R is not symmetric (its rows are normalised), so a pair is connected when
+    the relation passes in both directions (edges='mutual', the default: a sample whose relations to everything
+    are weak cannot attach itself to a sub-structure through its own row alone) or in either (edges='either').
+    Stable edges S = connected in A_now AND in A_prev AND both samples seen before, no self loops.
     mode='component': P_ij = 1 where i and j lie in one connected component of S with >= 2 members (the
     diagonal of those members included: it belongs to the sub-gram matrix of eq. 6).
     mode='edge': P = S (the ablation).
@@ -101,13 +118,16 @@ def stable_substructure_mask(r_now: tf.Tensor, r_prev: tf.Tensor, *, seen: tf.Te
       scalars; largest_component is the member count of the largest sub-structure, 0 when there is none).
     """
     b = tf.shape(r_now)[0]
-    t = tsc_threshold(r_now, tau, tau_mode)
     off_diag = ~tf.eye(b, dtype=tf.bool)
-    a_now = (r_now >= t) & off_diag
-    a_prev = (r_prev >= t) & off_diag
-    both_seen = seen[:, None] & seen[None, :]
-    stable = a_now & a_prev & both_seen
-    stable = stable | tf.transpose(stable)  # [B, B]
+    a_now = (r_now >= tsc_threshold(r_now, tau, tau_mode)) & off_diag
+    a_prev = (r_prev >= tsc_threshold(r_prev, tau, tau_mode)) & off_diag
+    if edges == "mutual":
+        a_now, a_prev = a_now & tf.transpose(a_now), a_prev & tf.transpose(a_prev)
+    elif edges == "either":
+        a_now, a_prev = a_now | tf.transpose(a_now), a_prev | tf.transpose(a_prev)
+    else:
+        raise ValueError(f"tsc_edges must be 'mutual' or 'either', got {edges!r}")
+    stable = a_now & a_prev & seen[:, None] & seen[None, :]  # [B, B] symmetric
     comp = connected_components(stable)
     size = tf.reduce_sum(tf.cast(comp, tf.float32), axis=1)  # [B] size of each sample's component
     in_sub = size >= 2.0

@@ -112,7 +112,7 @@ def writer_dir(model_dir: str, strategy: tf.distribute.Strategy) -> tuple[str, b
 
 def class_weights(labels: np.ndarray) -> list[float]:
     """SRC-MT's class weights, 10000 / class count (a count of 0 counts as 1), from the labels a user has."""
-    return [10000.0 / max(c, 1.0) for c in labels.sum(0)]
+    return [10000.0 / max(float(c), 1.0) for c in labels.sum(0)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,6 +222,12 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
                 "steps_per_epoch": steps, "labeled": len(labeled_idx), "labeled_share": len(labeled_idx) / num_train,
                 "replicas": strategy.num_replicas_in_sync, "data_dir": os.path.abspath(records.data_dir),
                 "records_fingerprint": fingerprint}
+    if cfg.loss.class_weighted_consistency or cfg.loss.class_weighted_supervised:
+        # From the labels a user has: the labeled subset's (SRC-MT counts the whole dataset).
+        labeled_labels = (label_table if label_table is not None else records.labels("train", table))[labeled_idx]
+        run_info["class_weights"] = class_weights(labeled_labels)
+    else:
+        run_info["class_weights"] = None
     if resuming:
         run_folder.check_same_data(model_dir, run_info, labeled_ids)
     else:
@@ -239,10 +245,7 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
 def _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, label_table, resuming, extra_callbacks,
                   bootstrap, t0) -> dict:
     steps = run_info["steps_per_epoch"]
-    labeled_labels = (label_table if label_table is not None else records.labels("train"))[labeled_idx]
-    weights = None
-    if cfg.loss.class_weighted_consistency or cfg.loss.class_weighted_supervised:
-        weights = class_weights(labeled_labels)
+    weights = run_info["class_weights"]
     with strategy.scope():
         model = run_folder.build_model(cfg, num_classes=records.num_classes,
                                        multi_label=records.task == "multi_label", num_train=run_info["num_train"],

@@ -56,5 +56,6 @@ def test_bootstrap_interval_brackets_the_estimate_and_table():
     r = metrics.evaluate_predictions(y, p, multi_label=False, threshold=0.18, bootstrap=100)
     low, high = r["paper_ci95"]["auc"]
     assert low <= r["paper"]["auc"] <= high and high - low < 0.2
-    table = metrics.paper_table({"STSC (student)": r}, ratio=0.2)
-    assert "| STSC (student) | 20 | 80 |" in table and "| Acc | Sen | Spec | AUC | F1 |" in table
+    table = metrics.paper_table({"STSC (student)": {**r, "ece": 0.0512}}, labeled_share=0.2)
+    assert "| STSC (student) | 20.0 | 80.0 |" in table and "| Acc | Sen | Spec | AUC | F1 | ECE |" in table
+    assert table.rstrip().endswith("| 0.0512 |")

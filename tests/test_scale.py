@@ -83,9 +83,10 @@ def test_two_workers_equal_each_other_and_a_single_process(synth_isic_records, t
     np.testing.assert_allclose(chief.tsc_memory.numpy().astype("float32"),
                                reference.tsc_memory.numpy().astype("float32"), atol=1e-3, rtol=2 ** -10)
 
-    # BackupAndRestore with the chief writing: the same command with more epochs continues from epoch 2
-    outs = launch_workers([f"--data_dir={synth_isic_records}", f"--model_dir={run}", "--epochs=2"])
-    assert "resuming at epoch 2" in outs[0]
+    # The backup with the chief writing: the same command with more epochs (allowed) continues after epoch 1
+    outs = launch_workers([f"--data_dir={synth_isic_records}", f"--model_dir={run}", "--epochs=2",
+                           "--allow_changes=epochs"])
+    assert "resuming after epoch 1" in outs[0]
     assert len(pd.read_csv(run / "log.csv")) == 2
     _, _, chief = load_run(str(run), "last")
     assert int(chief.optimizer.iterations) == 4

@@ -7,14 +7,13 @@ import io
 import re
 
 import numpy as np
+from PIL import Image
 
 FORMATS = {"JPEG": "jpeg", "PNG": "png"}  # PIL format -> image/format; anything else is stored re-encoded as PNG
 
 
 def _to_8bit(im):
     """Grayscale stays one channel (decoded to 3 at read time); 16-bit is scaled to 8; alpha is dropped."""
-    from PIL import Image
-
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -33,8 +32,6 @@ def encode_image(path: str, image_size: int) -> tuple[bytes, str, int, int]:
     Otherwise the shorter side is scaled down to image_size (never up) and the image re-encoded in its format.
     Raises OSError / ValueError for a missing, truncated or corrupt file.
     """
-    from PIL import Image
-
     with open(path, "rb") as f:
         raw = f.read()
     im = Image.open(io.BytesIO(raw))
@@ -60,8 +57,6 @@ def encode_image(path: str, image_size: int) -> tuple[bytes, str, int, int]:
 
 def limit_pixels(max_pixels: int) -> None:
     """Sets PIL's decompression-bomb guard to the package's limit (PIL then refuses twice as many pixels itself)."""
-    from PIL import Image
-
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
@@ -73,8 +68,6 @@ def validate_image(args) -> tuple[int, str | None, tuple | None]:
     i, path, max_pixels = args
     if path is None:
         return i, "missing image file", None
-    from PIL import Image
-
     limit_pixels(max_pixels)
     try:
         with Image.open(path) as im:  # reads the header only (PIL itself refuses twice the limit here)

@@ -18,6 +18,7 @@ import csv
 import os
 
 import numpy as np
+from PIL import Image
 
 from stsc_tf.data.sources import chestxray14, isic2018
 
@@ -50,8 +51,6 @@ def _write_boxes(path: str, boxes: list[tuple]) -> None:
 
 def write_isic(out: str, num_images: int = 300, image_size: int = 96, seed: int = 0) -> str:
     """Writes the ISIC 2018 Task 3 layout under `out`; returns `out`."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     img_dir = os.path.join(out, isic2018.TRAIN_DIR)
     os.makedirs(img_dir, exist_ok=True)
@@ -91,8 +90,6 @@ def write_isic(out: str, num_images: int = 300, image_size: int = 96, seed: int 
 
 def write_chestxray14(out: str, num_images: int = 300, image_size: int = 128, seed: int = 0) -> str:
     """Writes the ChestX-ray14 layout under `out` (2020 header; official lists by patient); returns `out`."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     img_dir = os.path.join(out, "images")
     os.makedirs(img_dir, exist_ok=True)

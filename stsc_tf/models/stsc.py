@@ -369,7 +369,8 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         cfg = self.loss_config
         sc = losses.spatial_structure_loss(r_student, r_teacher)
         mask, monitors = losses.stable_substructure_mask(r_student, r_prev, seen=seen, tau=cfg.tsc_tau,
-                                                         tau_mode=cfg.tsc_tau_mode, mode=cfg.tsc_substructure)
+                                                         tau_mode=cfg.tsc_tau_mode, mode=cfg.tsc_substructure,
+                                                         edges=cfg.tsc_edges)
         tc = tf.where(tsc_on, losses.temporal_structure_loss(r_student, r_prev, mask), 0.0)
         return sc, tc, monitors
 

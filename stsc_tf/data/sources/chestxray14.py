@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from stsc_tf.data.sources import (MULTI_LABEL, Row, Source, check_unique_ids, read_csv_rows, require_columns,
-                                  row_problem)
+from stsc_tf.data.sources.common import (MULTI_LABEL, Row, Source, check_unique_ids, read_csv_rows, require_columns,
+                                        row_problem)
 from stsc_tf.errors import DataError
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",

@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from stsc_tf.data.sources import (MULTI_LABEL, SINGLE_LABEL, Row, Source, check_unique_ids, one_hot_label,
-                                  read_csv_rows, require_columns, row_problem)
+from stsc_tf.data.sources.common import (MULTI_LABEL, SINGLE_LABEL, Row, Source, check_unique_ids, one_hot_label,
+                                        read_csv_rows, require_columns, row_problem)
 from stsc_tf.errors import DataError
 
 EXTENSIONS = ("", ".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")

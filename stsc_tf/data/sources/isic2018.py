@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
-from stsc_tf.data.sources import (SINGLE_LABEL, Row, Source, check_unique_ids, one_hot_label, read_csv_rows,
-                                  require_columns)
+from stsc_tf.data.sources.common import (SINGLE_LABEL, Row, Source, check_unique_ids, one_hot_label, read_csv_rows,
+                                        require_columns)
 from stsc_tf.errors import DataError
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]  # the official column order
