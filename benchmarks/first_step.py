@@ -1,10 +1,10 @@
 """Benchmark 5: time to first step of STSC vs supervised, DenseNet-121 at 224 px, broken into phases.
 
-    .venv/bin/python benchmarks/first_step.py [--image_size=224] [--batch=16] [--compare_bn]
+    .venv/bin/python benchmarks/first_step.py [--image_size=224] [--batch=16] [--compare_bn] [--compare_adam]
 
 Each variant runs in a fresh process (as `python -m stsc_tf.train` would): import, model build, compile, first
 step (trace + run) and second step (run only; trace = first - second). Variants: supervised (student only), STSC,
-with the fused BatchNorm (the default) and, with --compare_bn, with Keras' own.
+with the fused BatchNorm and Adam (the defaults) and, with --compare_bn / --compare_adam, with Keras' own.
 Ends with a one-line JSON summary.
 """
 
@@ -26,9 +26,11 @@ from stsc_tf import losses
 t_import = time.perf_counter() - t0
 t = time.perf_counter()
 model = common.make_model("densenet121", {size}, num_train=1024, fused_bn={fused})
+from stsc_tf.models.optimizers import FusedAdam
+make_adam = FusedAdam if {fused_adam} else keras.optimizers.Adam
 if {supervised}:
     student = model.student
-    opt = keras.optimizers.Adam(1e-4); opt.build(student.trainable_variables)
+    opt = make_adam(1e-4); opt.build(student.trainable_variables)
     @tf.function
     def step(data):
         with tf.GradientTape() as tape:
@@ -38,7 +40,7 @@ if {supervised}:
         opt.apply(tape.gradient(loss, student.trainable_variables), student.trainable_variables)
         return loss
 else:
-    model.compile(optimizer=keras.optimizers.Adam(1e-4))
+    model.compile(optimizer=make_adam(1e-4))
     step = tf.function(model.train_step)
 t_build = time.perf_counter() - t
 batch = {{k: tf.constant(v) for k, v in common.make_batch({batch}, {size}).items()}}
@@ -54,7 +56,8 @@ print(json.dumps({{"import_s": t_import, "build_s": t_build, "first_step_s": t_f
 
 def run(variant: str, size: int, batch: int) -> dict:
     code = PROBE.format(bench=common.ROOT + "/benchmarks", size=size, batch=batch,
-                        supervised=variant.startswith("supervised"), fused="keras BN" not in variant)
+                        supervised=variant.startswith("supervised"), fused="keras BN" not in variant,
+                        fused_adam="keras Adam" not in variant)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
@@ -66,8 +69,10 @@ def main():
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--compare_bn", action="store_true", help="also both variants with Keras' own BatchNorm")
+    p.add_argument("--compare_adam", action="store_true", help="also both variants with Keras' own Adam")
     args = p.parse_args()
     variants = ["supervised", "stsc"] + (["supervised, keras BN", "stsc, keras BN"] if args.compare_bn else [])
+    variants += ["supervised, keras Adam", "stsc, keras Adam"] if args.compare_adam else []
     results = {v: run(v, args.image_size, args.batch) for v in variants}
     print(f"DenseNet-121, {args.image_size} px, batch {args.batch}; seconds")
     print(f"{'variant':<21} {'import':>7} {'build':>7} {'trace':>7} {'step':>7} {'to 1st step':>12}")

@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from stsc_tf import losses
+from stsc_tf.models.optimizers import FusedAdam
 
 
 def main():
@@ -30,17 +31,19 @@ def main():
     p.add_argument("--mixed_precision", default="none", choices=["none", "mixed_float16", "mixed_bfloat16"])
     p.add_argument("--jit_compile", action="store_true", help="XLA for the supervised and STSC steps")
     p.add_argument("--keras_bn", action="store_true", help="Keras' own (unfused) BatchNormalization")
+    p.add_argument("--keras_adam", action="store_true", help="Keras' own Adam (not the fused kernel)")
     args = p.parse_args()
     if args.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(args.mixed_precision)
     keras.utils.set_random_seed(0)
     model = common.make_model(args.backbone, args.image_size, num_train=4 * args.batch,
                               relation=args.relation_features, fused_bn=not args.keras_bn)
-    model.compile(optimizer=keras.optimizers.Adam(1e-4))
+    make_adam = keras.optimizers.Adam if args.keras_adam else FusedAdam
+    model.compile(optimizer=make_adam(1e-4))
     batch = {k: tf.constant(v) for k, v in common.make_batch(args.batch, args.image_size).items()}
     student, teacher = model.student, model.teacher
     variables = student.trainable_variables
-    sup_opt = keras.optimizers.Adam(1e-4)
+    sup_opt = make_adam(1e-4)
     if args.mixed_precision == "mixed_float16":
         sup_opt = keras.optimizers.LossScaleOptimizer(sup_opt)
     sup_opt.build(variables)
@@ -100,14 +103,14 @@ def main():
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"{args.backbone} at {args.image_size} px, batch {args.batch}, relation_features={args.relation_features},"
           f" {device}, precision {args.mixed_precision}, XLA {'on' if args.jit_compile else 'off'}, "
-          f"{'Keras' if args.keras_bn else 'fused'} BatchNorm")
+          f"{'Keras' if args.keras_bn else 'fused'} BatchNorm, {'Keras' if args.keras_adam else 'fused'} Adam")
     print(f"  images/s: supervised {r['supervised_images_per_s']:.1f}, STSC {r['stsc_images_per_s']:.1f}")
     for k in ("supervised_s", "stsc_s", "teacher_forward_s", "relation_tsc_s", "ema_update_s", "memory_update_s"):
         print(f"  {k[:-2]:<16} {1000 * r[k]:9.1f} ms  ({r[k] / r['supervised_s']:.2f} x supervised)")
     print(f"  STSC / supervised = {r['ratio_stsc_over_supervised']:.2f} (target <= 1.40)")
     print(json.dumps({"benchmark": "step_cost", "backbone": args.backbone, "image_size": args.image_size,
                       "batch": args.batch, "device": device, "mixed_precision": args.mixed_precision,
-                      "fused_bn": not args.keras_bn,
+                      "fused_bn": not args.keras_bn, "fused_adam": not args.keras_adam,
                       "jit_compile": args.jit_compile, **{k: round(v, 4) for k, v in r.items()}}))
 
 

@@ -36,6 +36,7 @@ import pandas as pd
 from stsc_tf.config import Config
 from stsc_tf.errors import ConfigError, DataError
 from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_csv, sha256
+from stsc_tf.models.optimizers import FusedAdam
 from stsc_tf.models.stsc import STSCModel
 from stsc_tf.schedules import EpochDecay
 
@@ -244,10 +245,11 @@ def build_model(cfg: Config, *, num_classes: int, multi_label: bool, num_train: 
 
 
 def make_optimizer(cfg: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam with the per-epoch decay (one definition: a checkpoint's optimizer state must match it on reload)."""
+    """Adam (its fused kernel) with the per-epoch decay (one definition: a checkpoint's optimizer state must match it
+    on reload)."""
     t = cfg.train
-    return keras.optimizers.Adam(EpochDecay(t.learning_rate, steps_per_epoch, t.lr_decay_rate, t.lr_decay, t.epochs),
-                                 epsilon=t.adam_epsilon)
+    return FusedAdam(EpochDecay(t.learning_rate, steps_per_epoch, t.lr_decay_rate, t.lr_decay, t.epochs),
+                     epsilon=t.adam_epsilon)
 
 
 def load_weights_checked(model: keras.Model, path: str) -> None:

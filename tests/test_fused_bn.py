@@ -372,3 +372,15 @@ def test_exported_saved_model_runs_the_fused_kernel(tmp_path):
     served = loaded.serve(tf.constant(x))
     for want, got in zip(fused(x, training=False), served):
         _close(got, want, atol=1e-5)
+
+
+def test_the_package_networks_use_the_fused_layer_by_default_and_keras_synchronized_one_with_sync_bn():
+    from stsc_tf.models.backbones import build_network
+
+    def kinds(net):
+        bns = [l for l in net.layers if isinstance(l, keras.layers.BatchNormalization)]
+        return ({type(l) is FusedBatchNormalization for l in bns}, {bool(l.synchronized) for l in bns})
+
+    assert kinds(build_network("tiny", num_classes=3, image_size=16)) == ({True}, {False})
+    assert kinds(build_network("tiny", num_classes=3, image_size=16, fused_bn=False)) == ({False}, {False})
+    assert kinds(build_network("tiny", num_classes=3, image_size=16, sync_bn=True)) == ({False}, {True})

@@ -41,3 +41,13 @@ def test_setting_built_by_hand_is_honoured():
     keras_internals.mark_built(layer)
     assert layer.built  # and a built layer is not built again from its first input
     assert getattr(keras.layers.Layer, "_maybe_build", None) is not None
+
+
+def test_adam_slots_are_the_moments_keras_adam_updates():
+    variable = keras.Variable(np.ones(3, "float32"))
+    optimizer = keras.optimizers.Adam(0.1)
+    optimizer.build([variable])
+    m, v = keras_internals.adam_slots(optimizer, variable)
+    optimizer.apply([np.array([1.0, 2.0, -1.0], "float32")], [variable])
+    np.testing.assert_allclose(m.numpy(), 0.1 * np.array([1.0, 2.0, -1.0]), rtol=1e-6)  # (1 - beta_1) g
+    np.testing.assert_allclose(v.numpy(), 0.001 * np.array([1.0, 4.0, 1.0]), rtol=1e-5)  # (1 - beta_2) g^2

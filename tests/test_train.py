@@ -63,7 +63,7 @@ def base_config(data_dir, model_dir, **train):
     return Config(
         data=DataConfig(data_dir=data_dir, image_size=16, batch_size=8, labeled_per_batch=2, labeled_ratio=0.3,
                         cache=True, seed=1),
-        model=ModelConfig(backbone="tiny", dropout=0.0),
+        model=ModelConfig(backbone="tiny"),  # the default dropout (0.2): resume must be exact with it
         loss=LossConfig(consistency_start_epoch=-1, consistency_rampup=1, tsc_start_epoch=1),
         train=TrainConfig(model_dir=model_dir, epochs=3, steps_per_epoch=3, learning_rate=1e-3, strategy="none",
                           seed=1, **train))

@@ -13,6 +13,8 @@ so an upgrade that renames or changes one fails there, by name, instead of deep 
   metric variable is created inside a traced step (some metrics, e.g. F1Score, create theirs on first update).
 - `mark_built`: sets `built` on a model whose variables were all created in `__init__` (Keras would otherwise try to
   build it from the first batch).
+- `adam_slots`: the moment slots Keras' Adam keeps for a variable (`_momentums`, `_velocities`,
+  `_get_variable_index`), for `FusedAdam`'s one-kernel update.
 """
 
 from __future__ import annotations
@@ -44,3 +46,9 @@ def build_compiled_metrics(model: keras.Model, num_classes: int) -> None:
     if container is not None and not container.built:
         spec = keras.KerasTensor((None, num_classes), dtype="float32")
         compute_output_spec(container.update_state, spec, spec)
+
+
+def adam_slots(optimizer: keras.optimizers.Adam, variable) -> tuple:
+    """(first moment, second moment) slot variables of `variable` in a built Keras Adam."""
+    index = optimizer._get_variable_index(variable)
+    return optimizer._momentums[index], optimizer._velocities[index]

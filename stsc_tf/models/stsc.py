@@ -293,7 +293,8 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
                 raise ValueError("STSCModel needs the epoch length for its schedules: pass steps_per_epoch to fit or "
                                  "to the constructor (the dataset's length is unknown or infinite)")
             self.steps_per_epoch = int(steps)
-        kwargs.setdefault("shuffle", False)  # the STSC batches are composed and shuffled by the input pipeline
+        if isinstance(x, tf.data.Dataset):  # composed and shuffled by the pipeline (Keras would warn about shuffle)
+            kwargs.setdefault("shuffle", False)
         return super().fit(x, y, *args, steps_per_epoch=steps_per_epoch, **kwargs)
 
     def call(self, images, training=False):
