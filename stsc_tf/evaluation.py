@@ -294,9 +294,13 @@ def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir
             writer.writerow([name, *(f"{p:.6f}" for p in probs[i]), *(decided[k][i] for k in decided),
                              f"{parts['entropy'][i]:.6f}", f"{parts['disagreement'][i]:.6f}", f"{mean[i]:.6f}"])
 
+    @tf.function(input_signature=[tf.TensorSpec([None, cfg.data.image_size, cfg.data.image_size, 3], tf.float32)],
+                 reduce_retracing=True)
+    def logits(x):  # both networks in one traced call (eager DenseNet calls cost more than the maths here)
+        return model.student(x, training=False)[1], model.teacher(x, training=False)[1]
+
     def forward(x):
-        (_, z_s), (_, z_t) = model.student(x, training=False), model.teacher(x, training=False)
-        z_s, z_t = np.asarray(z_s, np.float64), np.asarray(z_t, np.float64)
+        z_s, z_t = (np.asarray(z, np.float64) for z in logits(tf.convert_to_tensor(x, tf.float32)))
         return (z_s if which == "student" else z_t), z_s, z_t
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -137,18 +137,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def read_config(model_dir: str) -> Config | None:
-    """The stored Config, or None when the folder holds none. Raises ConfigError naming a bad file."""
-    path = os.path.join(model_dir, CONFIG)
+def _read_json(path: str, remedy: str):
+    """A JSON file of the run folder, or None when it does not exist; ConfigError naming a damaged one."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); it is not a run folder of this package, or was "
-                          "damaged by hand") from None
-    return Config.from_dict(stored, source=path)
+        raise ConfigError(f"{path} is not valid JSON ({e}); {remedy}") from None
+
+
+def read_config(model_dir: str) -> Config | None:
+    """The stored Config, or None when the folder holds none. Raises ConfigError naming a bad file."""
+    path = os.path.join(model_dir, CONFIG)
+    stored = _read_json(path, "it is not a run folder of this package, or was damaged by hand")
+    return None if stored is None else Config.from_dict(stored, source=path)
 
 
 def config_differences(stored: Config, new: Config) -> dict[str, tuple]:
@@ -186,15 +190,10 @@ def records_fingerprint(manifest: dict) -> str:
 
 
 def read_run_info(model_dir: str) -> dict:
-    path = os.path.join(model_dir, RUN)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--model_dir={model_dir!r}: no {RUN}; is it a run folder of python -m stsc_tf.train?"
-                          ) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    info = _read_json(os.path.join(model_dir, RUN), "the run folder is damaged")
+    if info is None:
+        raise ConfigError(f"--model_dir={model_dir!r}: no {RUN}; is it a run folder of python -m stsc_tf.train?")
+    return info
 
 
 def check_same_records(model_dir: str, data_dir: str, fingerprint: str) -> None:
@@ -350,14 +349,7 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 def read_calibration(model_dir: str) -> dict | None:
     """The thresholds and calibration fitted by `evaluate --fit_thresholds`, or None."""
-    path = os.path.join(model_dir, CALIBRATION)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); fit it again with evaluate --fit_thresholds") from None
+    return _read_json(os.path.join(model_dir, CALIBRATION), "fit it again with evaluate --fit_thresholds")
 
 
 def write_metrics(model_dir: str, split: str, results: dict, table: str, prefix: str = "metrics") -> None:
