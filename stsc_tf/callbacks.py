@@ -107,9 +107,13 @@ class Checkpoints(keras.callbacks.Callback):
         self.best = -math.inf if mode == "max" else math.inf
         info = os.path.join(model_dir, run_folder.BEST_INFO)
         if os.path.isfile(info) and os.path.isfile(os.path.join(model_dir, run_folder.BEST)):
-            with open(info, encoding="utf-8") as f:
-                stored = json.load(f)
-            if stored.get("monitor") == monitor and stored.get("value") is not None:
+            try:
+                with open(info, encoding="utf-8") as f:
+                    stored = json.load(f)
+            except (OSError, ValueError) as e:  # damaged: the next improvement of the monitor rewrites it
+                log.warning("%s is damaged (%s); the best value so far is forgotten", info, e)
+                stored = {}
+            if stored.get("monitor") == monitor and isinstance(stored.get("value"), (int, float)):
                 self.best = float(stored["value"])
 
     def _better(self, value: float) -> bool:

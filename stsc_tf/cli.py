@@ -27,9 +27,14 @@ def no_extra_args(argv: list[str]) -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turns an STSCError into `error: <message>` and exit status 2."""
+    """Turns an STSCError, or a file the system refuses (permissions, a full disk, a missing folder), into
+    `error: <message>` and exit status 2."""
     try:
         yield
     except STSCError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         raise SystemExit(2) from None

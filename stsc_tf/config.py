@@ -20,6 +20,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 40 MP covers dermoscopy (up to 6000 x 6000), radiographs and mammograms; each command has a flag to change it.
 MAX_IMAGE_PIXELS = 40_000_000
 
+# The choices of the settings below, defined once (the flags and the code that acts on them use these).
+RELATION_FEATURES = ("flatten", "avg", "avg_before_dropout")
+TAU_MODES = ("zscore", "relative", "absolute", "quantile")
+TSC_EDGES = ("mutual", "either")
+# Settings a resumed run may change, when the user allows them by name (--allow_changes): they change neither the
+# model nor the data nor the computation of a step. `epochs` is refused under lr_decay=poly (the schedule depends
+# on it). Not `strategy`: with unsynchronised BatchNorm another replica count is another computation.
+HARMLESS = ("train.epochs", "train.relation_every_epochs", "train.threshold", "train.jit_compile", "data.cache")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -68,7 +77,8 @@ class ModelConfig:
       relation_features: 'flatten' (paper: D^l = F^l reshaped), 'avg' (SRC-MT: the pooled features after the
         classifier's dropout), or 'avg_before_dropout' (the pooled features, no dropout).
       sync_bn: synchronise BatchNorm statistics across replicas (Keras' synchronized layer).
-      fused_bn: TensorFlow's fused BatchNorm kernel (numerically Keras' layer, about half the step time on CPU).
+      fused_bn: TensorFlow's fused BatchNorm kernel (numerically Keras' layer; the DenseNet-121 STSC step in 0.72x
+        the time on CPU, BUILD.md).
     """
 
     backbone: str = "densenet121"

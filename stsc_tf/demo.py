@@ -23,6 +23,7 @@ from stsc_tf.data import synthetic
 from stsc_tf.data.convert import convert
 from stsc_tf.data.pipeline import RecordSet
 from stsc_tf.data.sources import isic2018
+from stsc_tf.models import registered_backbones
 
 STAGES = 7
 
@@ -36,14 +37,18 @@ def main() -> None:
     out = sys.argv[1].split("=", 1)[1] if len(sys.argv) > 1 and sys.argv[1].startswith("--out=") else "demo_out"
     t0 = time.time()
     raw, records, run = (os.path.join(out, d) for d in ("raw", "records", "run"))
-    shutil.rmtree(out, ignore_errors=True)
+    mine = {"raw", "records", "run"}  # and the converter's lock / work files beside records (".records.*")
+    if os.path.isdir(out) and not {e for e in os.listdir(out) if not e.startswith(".records.")} <= mine:
+        raise SystemExit(f"error: {out} holds files that are not a demo's ({sorted(os.listdir(out))[:5]}); "
+                         "choose another --out")
+    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's folder: the demo starts afresh
     _stage(1, f"writing a synthetic ISIC 2018 layout (600 images, 64 px) to {raw}")
     synthetic.write_isic(raw, num_images=600, image_size=64, seed=0)
     _stage(2, f"converting to TFRecords in {records}")
     convert(ConvertConfig(dataset="isic2018", source_dir=raw, output_dir=records, image_size=0, num_shards=4,
                           workers=2, verify=True))
     _stage(3, "training STSC (DenseNet-121, 64 px; the first step traces the graph, under a minute)")
-    flags_lib.define_train_flags()
+    flags_lib.define_train_flags(registered_backbones())
     flags.FLAGS([sys.argv[0], "--flagfile=configs/demo.flags", f"--data_dir={records}", f"--model_dir={run}"])
     with cli.user_errors():
         training.run_training(flags_lib.train_config())

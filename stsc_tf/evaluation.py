@@ -35,9 +35,9 @@ from stsc_tf.data import augment
 from stsc_tf.data.image_files import decode_reason, expand_images, read_image_bytes
 from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError, DataError
-from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json
+from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, sha256
 from stsc_tf.losses import probabilities
-from stsc_tf.run_folder import CALIBRATION, load_run, read_calibration, write_metrics
+from stsc_tf.run_folder import CALIBRATION, checkpoint_path, load_run, read_calibration, write_metrics
 
 log = logging.getLogger("stsc_tf.evaluate")
 NETWORKS = ("student", "teacher")
@@ -119,7 +119,7 @@ def results_table(results: dict, split: str, labeled_share: float, threshold: fl
 def test_metrics(model, records: RecordSet, split: str, cfg: Config, model_dir: str, labeled_share: float,
                  bootstrap: int) -> tuple[dict, str]:
     """The end-of-training metrics of both networks (best checkpoint): metrics.json and metrics.md."""
-    fitted = read_calibration(model_dir)
+    fitted = read_calibration(model_dir, "best")
     results = evaluate_networks(model, records, split, cfg, bootstrap=bootstrap, fitted=fitted)
     table = results_table(results, split, labeled_share, cfg.train.threshold)
     write_metrics(model_dir, split, results, table)
@@ -157,6 +157,7 @@ def fit_thresholds(model, records: RecordSet, cfg: Config, model_dir: str, which
                  f" (no optimum for {undefined}: {cfg.train.threshold} kept)" if undefined else "")
     fitted = {"split": "val", "n": records.count("val"), "criterion": criterion, "method": method,
               "checkpoint": checkpoint, "class_names": records.class_names,
+              "weights_sha256": sha256(checkpoint_path(model_dir, checkpoint)),
               "fitted": datetime.datetime.now().isoformat(timespec="seconds"), "networks": networks}
     atomic_write_json(os.path.join(model_dir, CALIBRATION), fitted)
     return fitted
@@ -185,9 +186,7 @@ def _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, boo
               "split)")
     if records.count(split) == 0:
         raise ConfigError(f"--split={split!r}: the records in {records.data_dir} have no such split")
-    fitted = read_calibration(model_dir)
-    if thresholds == "validated" and fitted is None:
-        raise ConfigError(f"--thresholds=validated: {model_dir} has no {CALIBRATION}; run evaluate --fit_thresholds")
+    fitted = read_calibration(model_dir, checkpoint, required=thresholds == "validated")
 
     def draw_roc(name, y, p):
         figures.roc_figure(y, p, records.class_names, f"{name}, {split} split",
@@ -226,7 +225,10 @@ def _path_batches(paths, image_size: int, max_pixels: int, batch_size: int):
     """Yields [(path, input or None, reason or None)] per batch, decoding the next batch while the model runs."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         iterator = iter(paths)
-        load = lambda p: (p, *_image_input(p, image_size, max_pixels))  # noqa: E731
+
+        def load(path):
+            return (path, *_image_input(path, image_size, max_pixels))
+
         pending = list(pool.map(load, itertools.islice(iterator, batch_size)))
         while pending:
             upcoming = pool.map(load, list(itertools.islice(iterator, batch_size)))  # runs while we yield
@@ -267,11 +269,11 @@ def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir
     cfg, run, model = load_run(model_dir, checkpoint)
     which = which or cfg.train.eval_with
     class_names, multi_label = run["class_names"], run["task"] == "multi_label"
-    fitted = read_calibration(model_dir)
     if thresholds == "validated":
-        if fitted is None or which not in fitted["networks"]:
-            raise ConfigError(f"--thresholds=validated: {model_dir} has no calibration for the {which}; run "
-                              "python -m stsc_tf.evaluate --fit_thresholds first")
+        fitted = read_calibration(model_dir, checkpoint, required=True)
+        if which not in fitted["networks"]:
+            raise ConfigError(f"--thresholds=validated: {model_dir}/{CALIBRATION} has no calibration for the "
+                              f"{which}; run python -m stsc_tf.evaluate --fit_thresholds --networks=both")
         entry = fitted["networks"][which]
         cal, cuts = calibration_lib.Calibration.from_dict(entry["calibration"]), entry["thresholds"]
     else:

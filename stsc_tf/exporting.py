@@ -20,6 +20,7 @@ which the next export removes.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -73,12 +74,22 @@ def _outputs_fn(network: keras.Model, *, class_names: list[str], multi_label: bo
 def export_network(network: keras.Model, *, class_names: list[str], image_size: int, multi_label: bool, path: str,
                    threshold: float = 0.18, fitted: dict | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Writes `network` (image -> (relation features, logits)) as a SavedModel with both signatures at `path`."""
-    if os.path.exists(path):
-        raise ConfigError(f"export folder {path} already exists; choose another --version (TF Serving loads the "
-                          "highest version number)")
     parent, version = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    _remove_incomplete(parent)
+    with open(os.path.join(parent, ".export.lock"), "a") as lock:  # one export into a model folder at a time
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"another export into {parent} is running; wait for it to finish") from None
+        if os.path.exists(path):
+            raise ConfigError(f"export folder {path} already exists; choose another --version (TF Serving loads the "
+                              "highest version number)")
+        _remove_incomplete(parent)
+        return _export(network, class_names, image_size, multi_label, path, threshold, fitted, max_pixels)
+
+
+def _export(network, class_names, image_size, multi_label, path, threshold, fitted, max_pixels) -> str:
+    parent, version = os.path.split(os.path.abspath(path))
     tmp = os.path.join(parent, f".{version}.incomplete-{os.getpid()}")
     outputs = _outputs_fn(network, class_names=class_names, multi_label=multi_label, threshold=threshold,
                           fitted=fitted)
@@ -104,8 +115,9 @@ def export_network(network: keras.Model, *, class_names: list[str], image_size: 
     archive.add_endpoint("serving_default", serve_bytes)
     archive.add_endpoint("predict_pixels", serve_pixels)
     try:
-        archive.write_out(tmp, verbose=False)
+        os.makedirs(tmp)  # marked first: a kill at any later point leaves a folder the next export recognises
         atomic_write_text(os.path.join(tmp, INCOMPLETE_MARK), "an unfinished export of stsc_tf; safe to delete\n")
+        archive.write_out(tmp, verbose=False)
         _write_warmup(tmp, image_size)
         ops = python_ops(tmp)
         if ops:
@@ -119,11 +131,11 @@ def export_network(network: keras.Model, *, class_names: list[str], image_size: 
 
 
 def _remove_incomplete(parent: str) -> None:
-    """Removes hidden folders that killed exports of this package left (recognised by their marker file)."""
+    """Removes the hidden folders killed exports of this package left (recognised by their marker file; called under
+    the export lock, so no export is writing one)."""
     for entry in os.listdir(parent):
         folder = os.path.join(parent, entry)
-        if entry.startswith(".") and ".incomplete-" in entry and os.path.isdir(folder) and (
-                os.path.isfile(os.path.join(folder, INCOMPLETE_MARK)) or not os.listdir(folder)):
+        if entry.startswith(".") and ".incomplete-" in entry and os.path.isfile(os.path.join(folder, INCOMPLETE_MARK)):
             shutil.rmtree(folder, ignore_errors=True)
             log.info("removed %s, left by an export that did not finish", folder)
 
@@ -173,7 +185,7 @@ def export_run(model_dir: str, export_dir: str, name: str, version: int, which: 
     cfg, run, model = load_run(model_dir, checkpoint)
     which = which or cfg.train.eval_with
     network = model.student if which == "student" else model.teacher
-    fitted = read_calibration(model_dir)
+    fitted = read_calibration(model_dir, checkpoint)
     entry = fitted["networks"].get(which) if fitted else None
     if fitted and entry is None:
         log.info("%s has no calibration for the %s: exporting without calibrated outputs", CALIBRATION, which)

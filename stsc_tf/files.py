@@ -52,15 +52,18 @@ def atomic_path(path: str, suffix: str = ""):
         raise
 
 
-def remove_stale_temps(folder: str) -> list[str]:
-    """Removes the temporary files (`.NAME.XXXX.tmp*`) that a killed writer left in `folder`; returns their names.
+def remove_stale_temps(folder: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """Removes the temporary files (`.NAME.XXXX.tmp*`) that a killed writer of `names` (default: any) left in
+    `folder`; returns their names.
 
-    Call it only while no other process writes there (e.g. under the run folder's lock).
+    Call it only while no other process writes those files (e.g. under the run folder's lock, for the files only
+    training writes).
     """
     if not os.path.isdir(folder):
         return []
     stale = [e for e in os.listdir(folder) if e.startswith(".") and ".tmp" in e and
-             os.path.isfile(os.path.join(folder, e))]
+             os.path.isfile(os.path.join(folder, e)) and
+             (names is None or any(e.startswith(f".{n}.") for n in names))]
     for name in stale:
         os.remove(os.path.join(folder, name))
     return stale

@@ -12,6 +12,7 @@ import dataclasses
 from absl import flags
 
 from stsc_tf import config as config_lib
+from stsc_tf.data.sources import DATASETS
 from stsc_tf.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -40,7 +41,7 @@ def _define(name: str, default, help_text: str, enum: tuple | None = None) -> No
 
 
 CONVERT_HELP = {
-    "dataset": ("raw layout", ("isic2018", "chestxray14", "csv_folder")),
+    "dataset": ("raw layout", DATASETS),
     "source_dir": ("folder of the raw dataset", None),
     "output_dir": ("output folder (default: tfrecords/<dataset>)", None),
     "image_size": ("shorter side of the stored images, re-encoded (downscale only); 0 keeps the original bytes",
@@ -123,10 +124,10 @@ TRAIN_FLAGS = {
         "relation_layer": "layer whose output is the relation feature map ('' = last feature map)",
         "dropout": "dropout before the classifier (SRC-MT: 0.2)",
         "relation_features": ("flatten: the paper's reshaped map; avg: SRC-MT's pooled features after the "
-                              "classifier's dropout; avg_before_dropout: pooled, no dropout",
-                              ("flatten", "avg", "avg_before_dropout")),
+                              "classifier's dropout (with --relation_layer: that layer's map, averaged); "
+                              "avg_before_dropout: pooled, no dropout", config_lib.RELATION_FEATURES),
         "sync_bn": "synchronise BatchNorm statistics across replicas (Keras' synchronized layer)",
-        "fused_bn": "TensorFlow's fused BatchNorm kernel (numerically Keras' layer; about half the CPU step time)",
+        "fused_bn": "TensorFlow's fused BatchNorm kernel (numerically Keras' layer; 0.72x the CPU STSC step time)",
     },
     "loss": {
         "consistency": "lambda_max, weight of the unsupervised objective (0 removes it)",
@@ -136,15 +137,17 @@ TRAIN_FLAGS = {
         "consistency_weight_c": "weight of L_c inside L_u (0 removes it)",
         "beta": "weight of L_sc (0 removes it)",
         "gamma": "weight of L_tc (0 removes it)",
-        "class_weighted_consistency": "weight L_c per class by 10000 / class count of the labeled subset (SRC-MT)",
-        "class_weighted_supervised": ("weight the CE per class by 10000 / class count of the labeled subset, "
-                                      "normalised by the summed weights (SRC-MT / PyTorch)"),
-        "tsc_start_epoch": "TSC is on from this epoch (the paper's late training stage)",
+        "class_weighted_consistency": ("weight L_c per class by 10000 / class count (SRC-MT), counted on the labeled "
+                                       "subset and scaled to the dataset's size (SRC-MT counts the whole dataset)"),
+        "class_weighted_supervised": ("weight the CE per class by 10000 / class count (as above), normalised by the "
+                                      "summed weights (SRC-MT / PyTorch's CrossEntropyLoss(weight=...))"),
+        "tsc_start_epoch": ("TSC is on once the fractional epoch is >= this (the paper's late training stage; note: "
+                            "not the 'index > N' rule of --consistency_start_epoch)"),
         "tsc_tau": "TSC edge threshold's parameter (see --tsc_tau_mode); watch tsc_largest_component",
         "tsc_tau_mode": ("zscore: R_ij >= row mean + tau * row std (default); relative: tau/sqrt(B); absolute: tau; "
-                         "quantile: the tau-quantile of R", ("zscore", "relative", "absolute", "quantile")),
+                         "quantile: the tau-quantile of R", config_lib.TAU_MODES),
         "tsc_edges": ("mutual: a pair is connected when R_ij and R_ji both pass the threshold; either: one of them",
-                      ("mutual", "either")),
+                      config_lib.TSC_EDGES),
         "tsc_substructure": ("component: connected components; edge: stable edges only (ablation)",
                              ("component", "edge")),
         "tsc_memory_dtype": ("dtype of the TSC memory", ("float16", "float32")),
@@ -174,16 +177,17 @@ _SECTIONS = {"data": config_lib.DataConfig, "model": config_lib.ModelConfig, "lo
              "train": config_lib.TrainConfig}
 
 
-def define_train_flags() -> None:
-    from stsc_tf.models.backbones import registered_backbones  # the choices come from the registry alone
-
+def define_train_flags(backbones: list[str] | None = None) -> None:
+    """Defines the training flags; `backbones`, the registry's names, go into --backbone's help (the CLIs that
+    train pass `stsc_tf.models.registered_backbones()`: this module stays free of TensorFlow)."""
+    names = ", ".join(backbones) if backbones else "see stsc_tf.models.registered_backbones()"
     for section, entries in TRAIN_FLAGS.items():
         defaults = _defaults(_SECTIONS[section])
         for name, spec in entries.items():
             text, enum = spec if isinstance(spec, tuple) else (spec, None)
-            _define(name, defaults[name], text.replace("{backbones}", ", ".join(registered_backbones())), enum)
-    _define("allow_changes", (), "on a resume, settings that may differ from the stored run's (only harmless ones: "
-            "epochs, relation_every_epochs, threshold, strategy, jit_compile, cache)")
+            _define(name, defaults[name], text.replace("{backbones}", names), enum)
+    harmless = ", ".join(h.split(".", 1)[1] for h in config_lib.HARMLESS)
+    _define("allow_changes", (), f"on a resume, settings that may differ from the stored run's (only: {harmless})")
 
 
 def allowed_changes() -> tuple[str, ...]:
@@ -265,7 +269,8 @@ def define_explain_flags() -> None:
     _define("checkpoint", "best", "which checkpoint", ("best", "last"))
     _define("max_image_pixels", config_lib.MAX_IMAGE_PIXELS, "gradcam: images with more pixels are refused")
     _define("tsc_tau", -1.0, "substructures: the edge threshold (default: the run's --tsc_tau)")
-    _define("tsc_tau_mode", "", "substructures: the threshold rule (default: the run's --tsc_tau_mode)")
+    _define("tsc_tau_mode", "", "substructures: the threshold rule (default: the run's --tsc_tau_mode)",
+            ("",) + config_lib.TAU_MODES)
 
 
 def explain_args(command: str) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from stsc_tf.config import TAU_MODES, TSC_EDGES
+
 EPS = 1e-12
 
 
@@ -38,9 +40,6 @@ def spatial_structure_loss(r_student: tf.Tensor, r_teacher: tf.Tensor) -> tf.Ten
     return tf.reduce_sum(tf.square(r_student - tf.stop_gradient(r_teacher))) / b
 
 
-TAU_MODES = ("zscore", "relative", "absolute", "quantile")
-
-
 def tsc_threshold(r: tf.Tensor, tau: float, mode: str) -> tf.Tensor:
     """The edge threshold of eq. 5 for a [B, B] relation matrix: a scalar, or [B, 1] (one per row).
 
@@ -63,7 +62,8 @@ def tsc_threshold(r: tf.Tensor, tau: float, mode: str) -> tf.Tensor:
         offdiag = tf.where(off, r, 0.0)
         mean = tf.reduce_sum(offdiag, axis=1, keepdims=True) / n  # [B, 1]
         var = tf.reduce_sum(tf.where(off, tf.square(r - mean), 0.0), axis=1, keepdims=True) / n  # [B, 1]
-        return mean + tau * tf.sqrt(var)
+        # A row whose relations are all alike (e.g. an all-zero feature vector) stands out nowhere: no edge.
+        return tf.where(var > 0.0, mean + tau * tf.sqrt(var), float("inf"))
     if mode == "quantile":
         values = tf.sort(tf.boolean_mask(r, off))
         n = tf.shape(values)[0]
@@ -126,7 +126,7 @@ def stable_substructure_mask(r_now: tf.Tensor, r_prev: tf.Tensor, *, seen: tf.Te
     elif edges == "either":
         a_now, a_prev = a_now | tf.transpose(a_now), a_prev | tf.transpose(a_prev)
     else:
-        raise ValueError(f"tsc_edges must be 'mutual' or 'either', got {edges!r}")
+        raise ValueError(f"tsc_edges must be one of {TSC_EDGES}, got {edges!r}")
     stable = a_now & a_prev & seen[:, None] & seen[None, :]  # [B, B] symmetric
     comp = connected_components(stable)
     size = tf.reduce_sum(tf.cast(comp, tf.float32), axis=1)  # [B] size of each sample's component

@@ -21,6 +21,7 @@ from absl import app
 
 from stsc_tf import cli, flags as flags_lib, training
 from stsc_tf.files import atomic_write_text
+from stsc_tf.models import registered_backbones
 
 # The paper's Table 4 (ISIC 2018, 20 % labeled): (L_c, L_sc, L_tc) -> (Acc, Sen, Spec, AUC).
 PAPER_TABLE4 = {
@@ -92,6 +93,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags_lib.define_train_flags()
+    flags_lib.define_train_flags(registered_backbones())
     flags_lib.define_reproduce_flags()
     app.run(main)

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from stsc_tf.config import Config
+from stsc_tf.config import HARMLESS, Config
 from stsc_tf.errors import ConfigError, DataError
 from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_csv, sha256
 from stsc_tf.models.optimizers import FusedAdam
@@ -55,11 +55,9 @@ CALIBRATION = "calibration.json"
 TENSORBOARD = "tensorboard"
 RELATIONS = "relations"
 LOCK = ".lock"
+# The files only a training process writes (under the lock): its partial files may be removed at its start.
+TRAINING_FILES = (CONFIG, RUN, LABELED, LOG, BEST, BEST_INFO, LAST)
 
-# Settings a resumed run may change, when the user allows it by name (--allow_changes): they change neither the
-# model nor the data a step sees. `epochs` is refused under lr_decay=poly (the schedule depends on it).
-HARMLESS = {"train.epochs", "train.relation_every_epochs", "train.threshold", "train.strategy", "train.jit_compile",
-            "data.cache"}
 # Not compared: where the folder is (it may be moved), and data_dir (compared by the records' content instead).
 IGNORED = {"train.model_dir", "data.data_dir"}
 
@@ -266,7 +264,7 @@ def load_run(model_dir: str, checkpoint: str = "best") -> tuple[Config, dict, ST
     if cfg is None:
         raise ConfigError(f"--model_dir={model_dir!r}: no {CONFIG}; is it a run folder of python -m stsc_tf.train?")
     run = read_run_info(model_dir)
-    weights_path = os.path.join(model_dir, BEST if checkpoint == "best" else LAST)
+    weights_path = checkpoint_path(model_dir, checkpoint)
     if not os.path.isfile(weights_path):
         raise ConfigError(f"--model_dir={model_dir!r}: no {os.path.basename(weights_path)} (the run has not finished "
                           "an epoch yet)")
@@ -347,9 +345,33 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Metric and calibration files.
 # ----------------------------------------------------------------------------------------------------------------
-def read_calibration(model_dir: str) -> dict | None:
-    """The thresholds and calibration fitted by `evaluate --fit_thresholds`, or None."""
-    return _read_json(os.path.join(model_dir, CALIBRATION), "fit it again with evaluate --fit_thresholds")
+def checkpoint_path(model_dir: str, checkpoint: str) -> str:
+    return os.path.join(model_dir, BEST if checkpoint == "best" else LAST)
+
+
+def read_calibration(model_dir: str, checkpoint: str = "best", required: bool = False) -> dict | None:
+    """The thresholds and calibration `evaluate --fit_thresholds` fitted for this checkpoint's weights, or None.
+
+    They belong to the weights they were fitted on (their SHA-256 is stored): fitted on another checkpoint, or on
+    `best` before training went on, they are ignored with a warning, or refused when `required`.
+    """
+    path = os.path.join(model_dir, CALIBRATION)
+    fitted = _read_json(path, "fit it again with evaluate --fit_thresholds")
+    if fitted is None:
+        if required:
+            raise ConfigError(f"{model_dir} has no {CALIBRATION}; run python -m stsc_tf.evaluate --fit_thresholds "
+                              "first")
+        return None
+    weights = checkpoint_path(model_dir, checkpoint)
+    if fitted.get("weights_sha256") != (sha256(weights) if os.path.isfile(weights) else None):
+        message = (f"{path} was fitted on other weights than the {checkpoint} checkpoint's (another checkpoint, or "
+                   "training went on since); fit it again with python -m stsc_tf.evaluate --fit_thresholds "
+                   f"--checkpoint={checkpoint}")
+        if required:
+            raise ConfigError(message)
+        log.warning("ignored: %s", message)
+        return None
+    return fitted
 
 
 def write_metrics(model_dir: str, split: str, results: dict, table: str, prefix: str = "metrics") -> None:

@@ -9,6 +9,7 @@ resume an interrupted run; a rerun with other settings is refused (--allow_chang
 from absl import app
 
 from stsc_tf import cli, flags as flags_lib, training
+from stsc_tf.models import registered_backbones
 
 
 def main(argv):
@@ -18,5 +19,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags_lib.define_train_flags()
+    flags_lib.define_train_flags(registered_backbones())
     app.run(main)

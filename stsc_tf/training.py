@@ -30,7 +30,8 @@ from stsc_tf.data.pipeline import RecordSet, distribute_per_worker, eval_dataset
 from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import ConfigError, DataError, STSCError
 from stsc_tf.files import read_csv, remove_stale_temps
-from stsc_tf.models.backbones import RELATION_FEATURES, resolve_backbone
+from stsc_tf.config import RELATION_FEATURES, TAU_MODES, TSC_EDGES
+from stsc_tf.models.backbones import resolve_backbone
 
 log = logging.getLogger("stsc_tf.train")
 
@@ -51,8 +52,10 @@ def validate(cfg: Config, num_replicas: int = 1) -> RecordSet:
     if not d.labeled_ids and not 0.0 < d.labeled_ratio <= 1.0:
         raise ConfigError(f"--labeled_ratio must be in (0, 1], got {d.labeled_ratio}")
     resolve_backbone(m.backbone)
-    if m.relation_features not in RELATION_FEATURES:
-        raise ConfigError(f"--relation_features={m.relation_features!r}; choose one of {list(RELATION_FEATURES)}")
+    for flag, value, choices in (("relation_features", m.relation_features, RELATION_FEATURES),
+                                 ("tsc_tau_mode", l.tsc_tau_mode, TAU_MODES), ("tsc_edges", l.tsc_edges, TSC_EDGES)):
+        if value not in choices:  # (the CLI's enums refuse these already; a Config built in code may not)
+            raise ConfigError(f"--{flag}={value!r}; choose one of {list(choices)}")
     if d.image_size < 16:
         raise ConfigError(f"--image_size must be >= 16, got {d.image_size}")
     if t.epochs < 1:
@@ -110,9 +113,18 @@ def writer_dir(model_dir: str, strategy: tf.distribute.Strategy) -> tuple[str, b
     return (model_dir, True) if chief else (os.path.join(model_dir, f"worker_{task_id}"), False)
 
 
-def class_weights(labels: np.ndarray) -> list[float]:
-    """SRC-MT's class weights, 10000 / class count (a count of 0 counts as 1), from the labels a user has."""
-    return [10000.0 / max(float(c), 1.0) for c in labels.sum(0)]
+def class_weights(labels: np.ndarray, dataset_size: int | None = None) -> list[float]:
+    """SRC-MT's class weights, 10000 / class count, from the labels a user has (a count of 0 counts as 1).
+
+    SRC-MT counts the classes over the whole dataset (labels a semi-supervised user does not have). Here the counts
+    are the labeled subset's, scaled to `dataset_size` images (count x dataset_size / labeled): the proportions are
+    the labeled subset's, the scale SRC-MT's, so the class-weighted consistency term (not normalised by the weights,
+    as in SRC-MT) keeps SRC-MT's magnitude at any labeled ratio.
+    """
+    counts = labels.sum(0).astype(np.float64)  # [K]
+    if dataset_size:
+        counts = counts * dataset_size / max(len(labels), 1)
+    return [10000.0 / max(float(c), 1.0) for c in counts]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,8 +209,8 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200, allow_ch
     model_dir, _ = writer_dir(cfg.train.model_dir, strategy)
     run_folder.check_writable(model_dir)
     with run_folder.RunLock(model_dir):
-        for folder in (model_dir, os.path.join(model_dir, run_folder.BACKUP)):
-            for name in remove_stale_temps(folder):
+        for folder, names in ((model_dir, run_folder.TRAINING_FILES), (os.path.join(model_dir, run_folder.BACKUP), None)):
+            for name in remove_stale_temps(folder, names):  # only what training writes: others may be writing
                 log.info("removed %s, a partial file left by a killed run", os.path.join(folder, name))
         stored = run_folder.read_config(model_dir)
         if stored is not None:
@@ -225,7 +237,8 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
     if cfg.loss.class_weighted_consistency or cfg.loss.class_weighted_supervised:
         # From the labels a user has: the labeled subset's (SRC-MT counts the whole dataset).
         labeled_labels = (label_table if label_table is not None else records.labels("train", table))[labeled_idx]
-        run_info["class_weights"] = class_weights(labeled_labels)
+        dataset_size = sum(records.count(split) for split in ("train", "val", "test"))
+        run_info["class_weights"] = class_weights(labeled_labels, dataset_size)
     else:
         run_info["class_weights"] = None
     if resuming:

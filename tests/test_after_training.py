@@ -21,7 +21,8 @@ from stsc_tf.config import Config, ConvertConfig, DataConfig, LossConfig, ModelC
 from stsc_tf.data import augment, synthetic
 from stsc_tf.data.convert import convert
 from stsc_tf.errors import ConfigError, DataError
-from stsc_tf.training import run_training
+from stsc_tf.data.pipeline import RecordSet
+from stsc_tf.training import labeled_selection, run_training
 
 from conftest import ROOT, shared
 
@@ -79,11 +80,44 @@ def test_thresholds_and_calibration_are_fitted_on_the_validation_split_only(isic
     assert results["teacher"]["ece"] >= 0 and results["teacher"]["validated"]["ece"] >= 0
 
 
+def test_a_calibration_fitted_on_other_weights_is_refused_or_ignored(isic, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(isic["run"], run)
+    evaluation.evaluate_run(str(run), split="val", fit=True, bootstrap=0)
+    _, _, model = run_folder.load_run(str(run))  # training went on: "best" holds other weights now
+    bias = model.teacher.get_layer("logits").bias
+    bias.assign(bias.numpy() + 0.5)
+    model.save_weights(str(run / "best.weights.h5"))
+    with pytest.raises(ConfigError, match="fitted on other weights"):
+        evaluation.predict_run(str(run), data_dir=isic["records"], out=str(tmp_path / "p.csv"),
+                               thresholds="validated")
+    with pytest.raises(ConfigError, match="fitted on other weights"):
+        evaluation.evaluate_run(str(run), split="val", thresholds="validated", bootstrap=0)
+    path = exporting.export_run(str(run), str(tmp_path / "export"), "stsc", 1)  # exported without them
+    assert "calibrated_probabilities" not in tf.saved_model.load(path).signatures["predict_pixels"].structured_outputs
+
+
+def test_the_export_carries_the_temperature_calibration_of_a_single_label_run(isic, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(isic["run"], run)
+    evaluation.evaluate_run(str(run), split="val", fit=True, bootstrap=0)
+    entry = json.loads((run / "calibration.json").read_text())["networks"]["teacher"]
+    served = tf.saved_model.load(exporting.export_run(str(run), str(tmp_path / "e"), "stsc", 1))
+    pixels = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    out = served.signatures["predict_pixels"](pixels=tf.constant(pixels))
+    _, _, model = run_folder.load_run(str(run))
+    _, logits = model.teacher(augment.eval_preprocess(pixels, 32), training=False)
+    z = np.asarray(logits, np.float64) / entry["calibration"]["temperature"]
+    expected = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(out["calibrated_probabilities"], expected / expected.sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_array_equal(out["class_index"], np.argmax(expected, 1))  # the temperature keeps the argmax
+
+
 def test_validated_thresholds_are_required_by_name_and_platt_is_for_multi_label(isic, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(isic["run"], run)
     (run / "calibration.json").unlink(missing_ok=True)
-    with pytest.raises(ConfigError, match="--thresholds=validated.*--fit_thresholds"):
+    with pytest.raises(ConfigError, match="no calibration.json.*--fit_thresholds"):
         evaluation.evaluate_run(str(run), thresholds="validated", bootstrap=0)
     with pytest.raises(ConfigError, match="platt"):
         evaluation.evaluate_run(str(run), fit=True, method="platt", bootstrap=0)
@@ -206,7 +240,7 @@ def test_predict_a_multi_label_split_with_validated_thresholds(chest, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ suggest
-def test_suggest_ranks_unlabeled_images_and_its_list_feeds_back_into_training(isic, tmp_path):
+def test_suggest_ranks_unlabeled_images_and_its_list_feeds_back_into_training(isic, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(isic["run"], run)
     out = tmp_path / "to_label.csv"
@@ -229,9 +263,16 @@ def test_suggest_ranks_unlabeled_images_and_its_list_feeds_back_into_training(is
                             "data": {**cfg.data.__dict__, "labeled_ids": f"{run / 'labeled_ids.csv'}+{out}"},
                             "train": {**cfg.train.__dict__, "model_dir": str(new), "init_from": str(run),
                                       "epochs": 1}})
+    selection, label_table = labeled_selection(RecordSet.open(isic["records"]), cfg)
+    train = RecordSet.open(isic["records"]).table("train").set_index("id")
+    names = json.loads((run / "run.json").read_text())["class_names"]
+    for image_id, given in zip(table["id"][:2], ("MEL", "NV")):  # the expert's labels, not the records'
+        assert names[int(np.argmax(label_table[int(train.loc[image_id, "index"])]))] == given
+    caplog.set_level("INFO", logger="stsc_tf")
     run_training(cfg, bootstrap=0)
+    assert f"started from {run}" in caplog.text  # --init_from: the previous round's networks
     info = json.loads((new / "run.json").read_text())
-    assert info["labeled"] == len(labeled) + 12
+    assert info["labeled"] == len(labeled) + 12 == len(selection)
     enlarged = set(run_folder.read_csv(str(new / "labeled_ids.csv"), dtype={"id": str})["id"])
     assert enlarged == labeled | set(table["id"])
 

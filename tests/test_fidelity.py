@@ -57,9 +57,12 @@ def test_class_weights_come_from_the_labeled_subset(synth_isic_records, tmp_path
     labeled = run_folder.read_csv(str(tmp_path / "run" / "labeled_ids.csv"), dtype={"id": str})
     train = pd.read_csv(os.path.join(synth_isic_records, "train.csv"), dtype={"id": str}, keep_default_na=False)
     names = train.set_index("id").loc[labeled["id"], "labels"]
-    counts = [max((names == c).sum(), 1) for c in info["class_names"]]
-    np.testing.assert_allclose(info["class_weights"], [10000.0 / c for c in counts])  # not the whole split's
-    all_counts = [max((train["labels"] == c).sum(), 1) for c in info["class_names"]]
+    manifest = json.loads(open(os.path.join(synth_isic_records, "manifest.json")).read())
+    dataset = sum(s["count"] for s in manifest["splits"].values())
+    scale = dataset / len(labeled)  # the labeled subset's proportions at the dataset's size, as SRC-MT counts
+    counts = [max((names == c).sum() * scale, 1) for c in info["class_names"]]
+    np.testing.assert_allclose(info["class_weights"], [10000.0 / c for c in counts], rtol=1e-6)
+    all_counts = [max((train["labels"] == c).sum(), 1) for c in info["class_names"]]  # labels the user lacks
     assert not np.allclose(info["class_weights"], [10000.0 / c for c in all_counts])
 
 
@@ -153,3 +156,12 @@ def test_explain_substructures_draws_the_stable_sub_structures_of_a_run(synth_is
     assert path == str(tmp_path / "run" / "substructures.png") and os.path.getsize(path) > 10_000
     log = pd.read_csv(tmp_path / "run" / "log.csv")
     assert "tsc_largest_component" in log.columns
+
+
+def test_a_row_whose_relations_are_all_alike_has_no_edge():
+    r = np.full((6, 6), 0.4, np.float32)
+    r[:3, :3] = np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]])  # rows 3..5: constant off the diagonal
+    t = losses.tsc_threshold(tf.constant(r), 1.0, "zscore").numpy()
+    assert np.all(np.isinf(t[3:])) and np.all(np.isfinite(t[:3]))
+    components, _ = explaining.stable_components(r, r, 1.0, "zscore", "either")
+    assert all(max(c) < 3 for c in components)  # constant rows never join (they used to link the whole batch)

@@ -317,10 +317,10 @@ def test_backbone_choices_come_from_the_registry_and_a_module_function_is_import
         resolve_backbone("vgg")
     with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
         resolve_backbone("no_such_module:f")
-    from stsc_tf import flags as flags_lib
-
-    flags_lib.define_train_flags()  # the help lists the registry (built-ins are registered when it is imported)
-    assert all(name in flags_lib.FLAGS["backbone"].help for name in ("tiny", "densenet121", "resnet50"))
+    helpfull = subprocess.run([sys.executable, "-m", "stsc_tf.train", "--helpfull"], capture_output=True, text=True,
+                              env=ENV, cwd=ROOT, timeout=120).stdout
+    backbone_help = helpfull.split("--backbone:", 1)[1].split("--", 1)[0]
+    assert all(name in backbone_help for name in ("tiny", "densenet121", "resnet50", "efficientnetv2_b0"))
 
 
 def test_the_cli_trains_and_evaluates_a_users_backbone_builder(synth_isic_records, tmp_path):

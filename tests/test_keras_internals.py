@@ -3,11 +3,13 @@ changes one fails here, by name."""
 
 import inspect
 
+import h5py
 import keras
 import numpy as np
 from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
 from stsc_tf.models import keras_internals
+from stsc_tf.models.layers import FusedBatchNormalization
 from stsc_tf.models.stsc import STSCModel
 
 
@@ -51,3 +53,16 @@ def test_adam_slots_are_the_moments_keras_adam_updates():
     optimizer.apply([np.array([1.0, 2.0, -1.0], "float32")], [variable])
     np.testing.assert_allclose(m.numpy(), 0.1 * np.array([1.0, 2.0, -1.0]), rtol=1e-6)  # (1 - beta_1) g
     np.testing.assert_allclose(v.numpy(), 0.001 * np.array([1.0, 4.0, 1.0]), rtol=1e-5)  # (1 - beta_2) g^2
+
+
+def test_keras_keys_weights_files_by_the_layers_class_name(tmp_path):
+    """FusedBatchNormalization carries the name "BatchNormalization" so weights files stay interchangeable with
+    Keras' layer: that relies on Keras keying a layer's weights by its class name in snake case."""
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization()])
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    with h5py.File(tmp_path / "w.weights.h5") as f:
+        keys = []
+        f.visit(keys.append)
+    assert any(k.endswith("batch_normalization") for k in keys), keys
+    assert FusedBatchNormalization.__name__ == "BatchNormalization"
+    assert keras.saving.get_registered_name(FusedBatchNormalization) == "stsc_tf>FusedBatchNormalization"

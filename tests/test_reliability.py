@@ -243,7 +243,8 @@ def test_killed_export_leaves_no_version_folder_and_the_next_export_cleans_up(sm
     entries = os.listdir(export_dir / "stsc")
     assert "1" not in entries and any(e.startswith(".1.incomplete-") for e in entries)  # TF Serving sees nothing
     path = exporting.export_run(str(small_run["run"]), str(export_dir), "stsc", 1)
-    assert os.listdir(export_dir / "stsc") == ["1"] and os.path.isfile(os.path.join(path, "saved_model.pb"))
+    assert sorted(os.listdir(export_dir / "stsc")) == [".export.lock", "1"]  # the killed one's folder is gone
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
     for name in ("../../x", "/abs", "a/b", "..", ""):
         with pytest.raises(ConfigError, match="--name"):
             exporting.export_run(str(small_run["run"]), str(export_dir), name, 2)
@@ -452,3 +453,85 @@ def test_a_read_only_model_dir_is_named(synth_isic_records, tmp_path):
     finally:
         subprocess.run(unlock, check=True)
     assert os.listdir(run) == []
+
+
+# ------------------------------------------------------------------------------------------------ 2. conversions
+KILL_DURING_CONVERSION = r"""
+import os, runpy, sys, time
+from stsc_tf.data import convert
+original = convert.verify_dataset
+def verify(path, *args, **kwargs):  # the new conversion is written, not yet in place
+    open(os.environ["STSC_TEST_MARK"], "w").close()
+    time.sleep(120)
+convert.verify_dataset = verify
+sys.argv = ["convert"] + sys.argv[1:]
+runpy.run_module("stsc_tf.convert", run_name="__main__")
+"""
+
+
+def test_overwrite_keeps_the_old_conversion_until_the_new_one_is_complete(synth_isic_raw, tmp_path):
+    out = tmp_path / "out"
+    convert(ConvertConfig(dataset="isic2018", source_dir=synth_isic_raw, output_dir=str(out), image_size=0,
+                          workers=1, num_shards=2))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad_source = tmp_path / "bad"
+    shutil.copytree(synth_isic_raw, bad_source)
+    victim = next((bad_source / "ISIC2018_Task3_Training_Input").glob("*.jpg"))
+    victim.write_bytes(victim.read_bytes()[:200])  # one truncated image in the new source
+    with pytest.raises(DataError, match=victim.stem):
+        convert(ConvertConfig(dataset="isic2018", source_dir=str(bad_source), output_dir=str(out), image_size=0,
+                              workers=1, overwrite=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    # a real kill while the new conversion is complete but not yet in place
+    mark = tmp_path / "mark"
+    args = ["--dataset=isic2018", f"--source_dir={synth_isic_raw}", f"--output_dir={out}", "--image_size=0",
+            "--workers=1", "--num_shards=3", "--overwrite"]
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_CONVERSION, *args],
+                            env={**ENV, "STSC_TEST_MARK": str(mark)}, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(1200):
+            if mark.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert mark.exists(), proc.stdout.read()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert any(p.name.startswith(".out.converting-") for p in tmp_path.iterdir())
+    # a kill between the two renames of the swap: the old one moved aside, the new one not in place
+    aside = tmp_path / ".out.replaced-999999"
+    out.rename(aside)
+    (aside / ".stsc_convert_replaced").write_text("{}")
+    manifest = convert(ConvertConfig(dataset="isic2018", source_dir=synth_isic_raw, output_dir=str(out),
+                                     image_size=0, workers=1, num_shards=3, overwrite=True))
+    assert len(manifest["splits"]["train"]["shards"]) == 3 and verify_dataset(str(out))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.lock"]
+
+
+def test_overwrite_refuses_to_delete_files_a_user_put_beside_a_conversion(synth_isic_raw, tmp_path):
+    out = tmp_path / "out"
+    convert(ConvertConfig(dataset="isic2018", source_dir=synth_isic_raw, output_dir=str(out), image_size=0,
+                          workers=1, num_shards=1))
+    (out / "my_notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"my_notes.txt.*move them out"):
+        convert(ConvertConfig(dataset="isic2018", source_dir=synth_isic_raw, output_dir=str(out), image_size=0,
+                              workers=1, overwrite=True))
+    assert (out / "my_notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------------ 11. serving limit
+def test_the_exported_model_refuses_oversized_images_from_their_header(small_run, tmp_path):
+    path = exporting.export_run(str(small_run["run"]), str(tmp_path / "export"), "stsc", 1, max_pixels=50 * 50)
+    served = tf.saved_model.load(path).signatures["serving_default"]
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    Image.new("RGB", (40, 40), (90, 20, 20)).save(small)
+    Image.new("RGB", (60, 60), (90, 20, 20)).save(large)
+    assert served(image_bytes=tf.constant([small.read_bytes()]))["probabilities"].shape == (1, 7)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than the limit of 2500"):
+        served(image_bytes=tf.constant([large.read_bytes()]))
+    default = tf.saved_model.load(exporting.export_run(str(small_run["run"]), str(tmp_path / "export"), "stsc", 2))
+    _huge_png(tmp_path / "huge.png")  # 250 KB declaring 16000 x 16000: refused before any pixel is decoded
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than the limit of 40000000"):
+        default.signatures["serving_default"](image_bytes=tf.constant([(tmp_path / "huge.png").read_bytes()]))

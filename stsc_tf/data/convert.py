@@ -35,7 +35,7 @@ from stsc_tf.data.images import encode_task, validate_image
 from stsc_tf.data.sources import Row, Source, load_source
 from stsc_tf.data.splits import DEFAULT_RATIOS, read_split_dir, stratified_group_split
 from stsc_tf.errors import DataError
-from stsc_tf.files import atomic_write_csv, atomic_write_json, sha256
+from stsc_tf.files import atomic_write_csv, atomic_write_json, read_csv, sha256
 
 log = logging.getLogger("stsc_tf.convert")
 TMP_SUFFIX = ".incomplete"
@@ -88,6 +88,18 @@ def _siblings(out_dir: str, kind: str) -> list[str]:
     parent, name = os.path.split(os.path.abspath(out_dir))
     prefix = f".{name}.{kind}-"
     return [os.path.join(parent, e) for e in sorted(os.listdir(parent)) if e.startswith(prefix)]
+
+
+def _conversion_files(out_dir: str) -> set[str]:
+    """The names a finished conversion consists of: the shards its manifest lists (even if some are damaged), the
+    split CSVs, skipped.csv and the manifest."""
+    own = {f"{split}.csv" for split in features.SPLITS} | {"skipped.csv", features.MANIFEST}
+    try:
+        with open(os.path.join(out_dir, features.MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        return own | {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return own
 
 
 class OutputFolder:
@@ -153,6 +165,10 @@ class OutputFolder:
         if not self.overwrite:
             raise DataError(f"output folder {self.out_dir} already holds a finished conversion (manifest.json); "
                             "pass --overwrite to replace it (the old one stays until the new one is complete)")
+        foreign = sorted(set(entries) - _conversion_files(self.out_dir))
+        if foreign:  # --overwrite replaces a conversion, never what a user put beside it
+            raise DataError(f"output folder {self.out_dir} holds files the converter did not write ({foreign[:5]}); "
+                            "move them out before --overwrite replaces the conversion")
 
     def commit(self) -> None:
         """Moves the finished work folder into place (replacing an old conversion only now)."""
@@ -270,8 +286,7 @@ def verify_dataset(data_dir: str, decode: bool = True) -> dict:
             class_counts += rec["label"].numpy()
         if sorted(indices) != list(range(info["count"])):
             raise DataError(f"{data_dir}: split {split!r} indices are not 0..{info['count'] - 1}")
-        table = pd.read_csv(os.path.join(data_dir, f"{split}.csv"), dtype={"id": str, "group": str},
-                            keep_default_na=False)
+        table = read_csv(os.path.join(data_dir, f"{split}.csv"), dtype={"id": str, "group": str})
         if dict(zip(ids, indices)) != dict(zip(table["id"], table["index"])):
             raise DataError(f"{data_dir}: {split}.csv disagrees with the {split} shards")
         expected = [info["class_counts"][c] for c in manifest["class_names"]]

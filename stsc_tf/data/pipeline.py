@@ -23,6 +23,7 @@ from stsc_tf.data.batches import Augmentation, check_batch, compose, two_views
 from stsc_tf.data.convert import damaged_shards, load_manifest, shard_paths
 from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import DataError
+from stsc_tf.files import read_csv
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -55,8 +56,8 @@ class RecordSet:
 
     def table(self, split: str) -> pd.DataFrame:
         """The split's CSV (id, index, group, labels), in index order."""
-        table = pd.read_csv(os.path.join(self.data_dir, f"{split}.csv"), dtype={"id": str, "group": str},
-                            keep_default_na=False).sort_values("index").reset_index(drop=True)
+        table = read_csv(os.path.join(self.data_dir, f"{split}.csv"), dtype={"id": str, "group": str})
+        table = table.sort_values("index").reset_index(drop=True)
         return table
 
     def labels(self, split: str, table: pd.DataFrame | None = None) -> np.ndarray:

@@ -134,8 +134,3 @@ def write_chestxray14(out: str, num_images: int = 300, image_size: int = 128, se
 
 LAYOUTS = {"isic2018": write_isic, "chestxray14": write_chestxray14}
 
-
-if __name__ == "__main__":  # the command's older name; the CLI (flags) lives in stsc_tf/synthetic.py
-    import runpy
-
-    runpy.run_module("stsc_tf.synthetic", run_name="__main__", alter_sys=True)

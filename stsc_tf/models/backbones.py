@@ -16,8 +16,9 @@ this package:
 logits (softmax or sigmoid are applied by the losses, never twice) — and returns the form `STSCModel` trains:
 image -> (relation features, logits), one flat functional graph so Grad-CAM and `relation_layer` reach every layer
 by name. The relation features are the backbone's last feature map after its activation (DenseNet-121: 7x7x1024 at
-224 px), another layer's map (`relation_layer`), or, with `relation_features='avg'`, the pooled features after the
-dropout (exactly SRC-MT's `activations = drop(pool(relu(features)))`).
+224 px), another layer's map (`relation_layer`), or, with `relation_features='avg'` and no `relation_layer`, the
+pooled features after the dropout (exactly SRC-MT's `activations = drop(pool(relu(features)))`; with a
+`relation_layer`, 'avg' averages that layer's map, without dropout).
 
 `with_relation_output` turns any ordinary Keras classifier (image -> logits) into the same form.
 
@@ -36,14 +37,13 @@ from typing import Callable
 
 import keras
 
+from stsc_tf.config import RELATION_FEATURES
 from stsc_tf.errors import ConfigError
 from stsc_tf.models.layers import fuse_batchnorm
 
 log = logging.getLogger("stsc_tf")
 Builder = Callable[..., keras.Model]
 _REGISTRY: dict[str, Builder] = {}
-# relation_features choices: how the relation features are taken from the network (see the module docstring).
-RELATION_FEATURES = ("flatten", "avg", "avg_before_dropout")
 SOFT_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
 
 
@@ -237,8 +237,8 @@ def with_relation_output(model: keras.Model, layer: str | None = None) -> keras.
         [B, D]); default: the last layer with a 4-D output larger than 1 x 1 (the last feature map).
 
     Returns:
-      A functional keras.Model sharing `model`'s layers (training it trains them), with outputs
-      (relation features, logits).
+      A functional keras.Model sharing `model`'s layers (training it trains them; a softmax Dense head is the
+      exception: its copy is trained, not the original), with outputs (relation features, logits).
     """
     if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
         raise ValueError("with_relation_output needs a functional or Sequential keras.Model that has been built "
