@@ -97,8 +97,8 @@ class Checkpoints(keras.callbacks.Callback):
     """last.weights.h5 after every finished epoch; best.weights.h5 (+ best.json) when `monitor` improves.
 
     Both are written atomically, never from an epoch the guard flagged (non-finite terms, weights or validation
-    predictions); a non-finite or missing monitor value never makes a checkpoint "best". The best value so far is read back from best.json on a
-    resume, so a resumed run keeps comparing against it.
+    predictions); a non-finite or missing monitor value never makes a checkpoint "best". The best value so far is
+    read back from best.json on a resume, so a resumed run keeps comparing against it.
     """
 
     def __init__(self, model_dir: str, monitor: str, mode: str, guard: NonFiniteGuard):
@@ -156,7 +156,8 @@ class ProgressLog(keras.callbacks.Callback):
 
 
 class RelationMonitor(keras.callbacks.Callback):
-    """Every `every` epochs (and after the first), records the relations of a fixed batch (`explaining.record_relations`).
+    """Every `every` epochs (and after the first), records the relations of a fixed batch
+    (`explaining.record_relations`).
 
     The batch's ids, label names and thumbnails are saved once beside the matrices, for `explain substructures`.
     """

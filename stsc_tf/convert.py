@@ -16,7 +16,9 @@ def main(argv):
     cli.no_extra_args(argv)
     with cli.user_errors():
         cfg = flags_lib.convert_config()
-        from stsc_tf.data import convert as convert_lib  # imported here: worker processes re-import this module
+        # Imported here, not at the top: the converter's spawned worker processes re-import this module, and must
+        # not pay TensorFlow's 3.5 s import each (BUILD.md, Converter: 2 workers were slower than 1 when they did).
+        from stsc_tf.data import convert as convert_lib
 
         if not cfg.source_dir:
             print(f"verified {cfg.output_dir}: {convert_lib.verify_dataset(cfg.output_dir)} records")

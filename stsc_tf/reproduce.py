@@ -71,7 +71,8 @@ def table3(cfg) -> str:
              "paper F1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio in sorted(PAPER_TABLE3):
         data = dataclasses.replace(cfg.data, labeled_ratio=ratio)
-        result = _run(dataclasses.replace(cfg, data=data), os.path.join(cfg.train.model_dir, f"ratio{int(ratio * 100)}"))
+        folder = os.path.join(cfg.train.model_dir, f"ratio{int(ratio * 100)}")
+        result = _run(dataclasses.replace(cfg, data=data), folder)
         p = result[cfg.train.eval_with]["paper"]
         ours = " | ".join(_pct(p[k]) for k in ("accuracy", "sensitivity", "specificity", "auc", "f1"))
         paper = " | ".join(f"{v:.2f}" for v in PAPER_TABLE3[ratio])

@@ -209,7 +209,8 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200, allow_ch
     model_dir, _ = writer_dir(cfg.train.model_dir, strategy)
     run_folder.check_writable(model_dir)
     with run_folder.RunLock(model_dir):
-        for folder, names in ((model_dir, run_folder.TRAINING_FILES), (os.path.join(model_dir, run_folder.BACKUP), None)):
+        backup = os.path.join(model_dir, run_folder.BACKUP)
+        for folder, names in ((model_dir, run_folder.TRAINING_FILES), (backup, None)):
             for name in remove_stale_temps(folder, names):  # only what training writes: others may be writing
                 log.info("removed %s, a partial file left by a killed run", os.path.join(folder, name))
         stored = run_folder.read_config(model_dir)

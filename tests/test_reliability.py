@@ -155,8 +155,9 @@ def test_kill_during_a_backup_resumes_from_the_previous_one_and_equals_an_uninte
     run = tmp_path / "run"
     args = [f"--data_dir={synth_isic_records}", f"--model_dir={run}", *TINY, "--epochs=3"]
     mark = tmp_path / "mark"
-    victim = subprocess.Popen([sys.executable, "-c", KILL_DURING_BACKUP, *args], env={**ENV, "STSC_TEST_MARK": str(mark)},
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen([sys.executable, "-c", KILL_DURING_BACKUP, *args],
+                              env={**ENV, "STSC_TEST_MARK": str(mark)}, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(1200):
             if mark.exists() or victim.poll() is not None:

@@ -4,8 +4,8 @@ Keras 3's `keras.layers.BatchNormalization` on the TensorFlow backend is unfused
 ops, forward and backward, for every layer. `FusedBatchNormalization` is the same layer (constructor, variables,
 `get_config`, training/inference rule, moving-statistics update) whose `call` runs `tf.raw_ops.FusedBatchNormV3`
 and its registered gradient `FusedBatchNormGradV3` instead (a DenseNet-121 supervised CPU step takes 0.75x the time,
-the STSC step 0.72x; `benchmarks/fused_bn.py` and BUILD.md). `fuse_batchnorm(model)` swaps every plain BatchNormalization
-of a functional or Sequential model for it.
+the STSC step 0.72x; `benchmarks/fused_bn.py` and BUILD.md). `fuse_batchnorm(model)` swaps every plain
+BatchNormalization of a functional or Sequential model for it.
 
 The fused kernel is used where it applies: TensorFlow backend, 4-D input with the channel axis last (axis -1 or 3,
 NHWC) or first (axis 1 or -3, NCHW), input dtype float32, float16 or bfloat16, no mask, `synchronized=False`,
