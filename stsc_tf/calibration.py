@@ -156,8 +156,8 @@ class Calibration:
       multi_label: True for independent sigmoids, False for a softmax.
       temperature: T > 0 (method="temperature"), else None.
       platt_a, platt_b: [K] slopes and intercepts (method="platt"), else None.
-      identity_classes: classes whose Platt map could not be fitted (one label value in the validation split)
-        and is the identity a = 1, b = 0 instead.
+      identity_classes: classes whose Platt map could not be fitted (one label value in the validation split, or a
+        fitted slope <= 0, which would invert the class's ranking) and is the identity a = 1, b = 0 instead.
     """
 
     method: str
@@ -308,8 +308,15 @@ def _fit_platt(z: np.ndarray, y_true: np.ndarray) -> tuple[list[float], list[flo
             # validation split happens to separate class k perfectly; on hundreds of samples its pull on a_k is
             # negligible next to the likelihood.
             fitted = LogisticRegression(C=1.0, max_iter=1000).fit(z[:, k:k + 1], truth)
-            slopes.append(float(fitted.coef_[0, 0]))
-            intercepts.append(float(fitted.intercept_[0]))
+            if fitted.coef_[0, 0] > 0:
+                slopes.append(float(fitted.coef_[0, 0]))
+                intercepts.append(float(fitted.intercept_[0]))
+                continue
+            # a_k <= 0 would reverse (or flatten) the class's ranking: the validation split contradicts the model
+            # on this class, and a calibration must not invert a score. The identity is kept, and reported.
+            slopes.append(1.0)
+            intercepts.append(0.0)
+            identity.append(k)
         else:
             slopes.append(1.0)
             intercepts.append(0.0)

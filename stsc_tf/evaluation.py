@@ -35,9 +35,10 @@ from stsc_tf.data import augment
 from stsc_tf.data.image_files import decode_reason, expand_images, read_image_bytes
 from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError, DataError
-from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, sha256
+from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, remove_stale_temps, sha256
 from stsc_tf.losses import probabilities
-from stsc_tf.run_folder import CALIBRATION, checkpoint_path, load_run, read_calibration, write_metrics
+from stsc_tf.run_folder import (CALIBRATION, check_writable, checkpoint_path, load_run, read_calibration,
+                                write_metrics)
 
 log = logging.getLogger("stsc_tf.evaluate")
 NETWORKS = ("student", "teacher")
@@ -167,12 +168,14 @@ def evaluate_run(model_dir: str, split: str = "test", which=NETWORKS, checkpoint
                  data_dir: str = "", thresholds: str = "paper", fit: bool = False, criterion: str = "youden",
                  method: str = "temperature") -> dict:
     """`python -m stsc_tf.evaluate`: optionally fits thresholds + calibration on val, then evaluates `split`."""
+    check_writable(model_dir, create=False)  # its tables, curves and calibration go there: say so before the work
     cfg, run, model = load_run(model_dir, checkpoint)
     try:
         records = RecordSet.open(data_dir or run["data_dir"])
     except DataError as e:
         raise ConfigError(f"--data_dir: {e}") from None
     check_records(records, run, "--data_dir" if data_dir else f"the run's data_dir ({run['data_dir']})")
+    records.check([split] + (["val"] if fit else []))
     with records.reading():
         return _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds, fit,
                          criterion, method)
@@ -240,11 +243,29 @@ def _list_file(path: str):
     """The paths of an --image_list file, one per line, read lazily (blank lines and # comments left out)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--image_list={path!r}: no such file")
+    listed = 0
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
+                listed += 1
                 yield line
+    if not listed:
+        raise ConfigError(f"--image_list={path!r} lists no image path")
+
+
+def _check_output(out: str) -> None:
+    """--out must be a new CSV, or a CSV of predictions (never a user's image or folder)."""
+    if not out.endswith(".csv"):
+        raise ConfigError(f"--out={out!r}: give a .csv path")
+    if os.path.isdir(out):
+        raise ConfigError(f"--out={out!r} is a folder; give a .csv path")
+    if os.path.exists(out):
+        with open(out, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        if not first.startswith(("path,p_", "id,p_")):
+            raise ConfigError(f"--out={out!r} exists and is not a predictions CSV; it is not replaced")
+    check_writable(os.path.dirname(os.path.abspath(out)), "--out")
 
 
 def decisions(probs: np.ndarray, thresholds, class_names: list[str], multi_label: bool) -> dict[str, list[str]]:
@@ -266,6 +287,7 @@ def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir
     (`decisions`), entropy and disagreement (student vs teacher; `selection.uncertainty_components`) and their
     mean, `uncertainty`. Unreadable files go to `<out>.skipped.csv` with the reason, and are counted.
     """
+    _check_output(out)
     cfg, run, model = load_run(model_dir, checkpoint)
     which = which or cfg.train.eval_with
     class_names, multi_label = run["class_names"], run["task"] == "multi_label"
@@ -306,14 +328,18 @@ def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir
         return (z_s if which == "student" else z_t), z_s, z_t
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for folder, name in {(os.path.dirname(os.path.abspath(p)), os.path.basename(p)) for p in (out, skipped_path)}:
+        remove_stale_temps(folder, (name,))  # what a killed predict of the same --out left
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f, \
             atomic_path(skipped_path) as tmp_skipped, open(tmp_skipped, "w", newline="", encoding="utf-8") as g:
-        writer, skip_writer = csv.writer(f), csv.writer(g)  # both streamed: memory stays constant
+        # both streamed (memory stays constant); "\n" line ends, as the package's other CSVs (pandas)
+        writer, skip_writer = csv.writer(f, lineterminator="\n"), csv.writer(g, lineterminator="\n")
         writer.writerow(header)
         skip_writer.writerow(["path", "why"])
         if data_dir:
             records = RecordSet.open(data_dir)
             check_records(records, run)
+            records.check([split])
             with records.reading():
                 for batch in eval_dataset(records, split, cfg.data.image_size, batch_size):
                     z, z_s, z_t = forward(batch["image"])

@@ -30,7 +30,7 @@ from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError
 from stsc_tf.files import atomic_path, atomic_write_csv, read_csv
 from stsc_tf.models.backbones import feature_map_layer
-from stsc_tf.run_folder import RELATIONS, load_run
+from stsc_tf.run_folder import RELATIONS, check_writable, load_run
 
 log = logging.getLogger("stsc_tf.explain")
 EPS = 1e-8
@@ -76,6 +76,7 @@ def gradcam_run(model_dir: str, images: str, out: str, which: str = "", class_na
     """Grad-CAM overlays (one PNG per image, plus grid.png) for a run's student or teacher."""
     if num_images < 1:
         raise ConfigError(f"--num_images must be >= 1, got {num_images}")
+    check_writable(out, "--out")
     cfg, run, model = load_run(model_dir, checkpoint)
     network = _network(model, cfg, which)
     names = run["class_names"]

@@ -104,6 +104,8 @@ def _export(network, class_names, image_size, multi_label, path, threshold, fitt
     def serve_pixels(pixels):
         shape = tf.shape(pixels, out_type=tf.int64)
         checks = [tf.debugging.assert_all_finite(pixels, "pixels contain NaN or Inf"),
+                  tf.debugging.assert_greater_equal(pixels, -0.5, message="pixels must lie in 0..255"),
+                  tf.debugging.assert_less_equal(pixels, 255.5, message="pixels must lie in 0..255"),
                   tf.debugging.assert_less_equal(shape[1] * shape[2], tf.constant(max_pixels, tf.int64),
                                                  message=f"image has more pixels than the limit of {max_pixels}")]
         with tf.control_dependencies(checks):

@@ -41,14 +41,22 @@ def commit(tmp: str, path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
-    """Yields a temporary path to write; on success it becomes `path`, on any error it is removed."""
-    tmp = temp_path(path, suffix)
+    """Yields a temporary path to write; on success it becomes `path`, on any error it is removed.
+
+    An OSError (a read-only folder, a full disk) names `path`, not the temporary file.
+    """
+    try:
+        tmp = temp_path(path, suffix)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot be written ({e.strerror or e})", path) from None
     try:
         yield tmp
         commit(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:
+            raise OSError(e.errno, f"cannot be written ({e.strerror})", path) from None
         raise
 
 

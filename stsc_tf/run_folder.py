@@ -1,7 +1,7 @@
 """The run folder: its files, who may write it, how they are written, and how a run is rebuilt from it.
 
     config.json        the full Config (what defines the run)     run.json        what the data fixed (classes, N, ...)
-    labeled_ids.csv    the labeled subset (id, index)             log.csv         per-epoch terms, monitors, val metrics
+    labeled_ids.csv    the labeled subset (id, index, labels)     log.csv         per-epoch terms, monitors, val metrics
     best.weights.h5    best val AUC (+ best.json: epoch, value)    last.weights.h5 end of the last finished epoch
     backup/            the resumable state of the last two finished epochs (+ state.json, written last)
     tensorboard/       every term and monitor per step            relations/      relation matrices of a val batch
@@ -71,8 +71,10 @@ def atomic_save_weights(model: keras.Model, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Ownership: writability, the lock, and "one folder, one run".
 # ----------------------------------------------------------------------------------------------------------------
-def check_writable(model_dir: str, flag: str = "--model_dir") -> None:
-    """Creates `model_dir` if needed; raises ConfigError naming the flag if it cannot be written."""
+def check_writable(model_dir: str, flag: str = "--model_dir", create: bool = True) -> None:
+    """Creates `model_dir` if needed (and allowed); raises ConfigError naming the flag if it cannot be written."""
+    if not create and not os.path.isdir(model_dir):
+        raise ConfigError(f"{flag}={model_dir!r}: no such folder")
     try:
         os.makedirs(model_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=model_dir)
@@ -153,14 +155,31 @@ def read_config(model_dir: str) -> Config | None:
     return None if stored is None else Config.from_dict(stored, source=path)
 
 
+PATHS = ("train.init_from", "data.labeled_ids", "model.weights")  # compared as resolved paths ('+'-separated)
+
+
+def _same_path(value):
+    if not isinstance(value, str) or not value or value in ("imagenet", "none"):
+        return value
+    return "+".join(os.path.realpath(part) for part in value.split("+"))
+
+
 def config_differences(stored: Config, new: Config) -> dict[str, tuple]:
-    """{'section.field': (stored value, new value)} over the run-defining settings (not IGNORED ones)."""
+    """{'section.field': (stored value, new value)} over the run-defining settings (not IGNORED ones); paths are
+    compared resolved (a trailing '/' or './' is the same file)."""
     a, b = _flat(stored.to_dict()), _flat(new.to_dict())
+    for key in PATHS:
+        a[key], b[key] = _same_path(a.get(key)), _same_path(b.get(key))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in IGNORED and a.get(k) != b.get(k)}
 
 
 def check_same_run(stored: Config, new: Config, allow: tuple[str, ...] = ()) -> None:
     """Refuses a resume whose settings differ from the stored run's, listing the flags; `allow` names harmless ones."""
+    allowable = [h.split(".", 1)[1] for h in HARMLESS]
+    unknown = [a for a in allow if a not in allowable]
+    if unknown:
+        raise ConfigError(f"--allow_changes={','.join(allow)}: {', '.join('--' + u for u in unknown)} may not "
+                          f"change on a resume; only {', '.join('--' + a for a in allowable)} may")
     diffs = config_differences(stored, new)
     allowed = {f"{section}.{name}" for section in ("data", "model", "loss", "train") for name in allow}
     blocked = {k: v for k, v in diffs.items() if not (k in HARMLESS and k in allowed)}
@@ -170,7 +189,10 @@ def check_same_run(stored: Config, new: Config, allow: tuple[str, ...] = ()) -> 
         for k, (old, now) in diffs.items():
             log.info("resuming with --%s changed from %r to %r (allowed)", k.split(".", 1)[1], old, now)
         return
-    listed = ", ".join(f"--{k.split('.', 1)[1]} (stored {old!r}, now {now!r})" for k, (old, now) in blocked.items())
+    shown = {}  # one entry per flag (data.seed and train.seed are one --seed)
+    for k, (old, now) in blocked.items():
+        shown.setdefault(k.split(".", 1)[1], (old, now))
+    listed = ", ".join(f"--{flag} (stored {old!r}, now {now!r})" for flag, (old, now) in shown.items())
     harmless = sorted(k.split(".", 1)[1] for k in blocked if k in HARMLESS and not (
         k == "train.epochs" and new.train.lr_decay == "poly"))
     hint = (f"; the harmless one(s) may change on a resume with --allow_changes={','.join(harmless)}"
@@ -202,15 +224,23 @@ def check_same_records(model_dir: str, data_dir: str, fingerprint: str) -> None:
                           f"({stored.get('data_dir')}); use the same conversion, or a new --model_dir")
 
 
-def check_same_data(model_dir: str, run_info: dict, labeled_ids: list[str]) -> None:
-    """On a resume: the classes, the train split and the labeled subset must be the run's."""
+def check_same_data(model_dir: str, run_info: dict, labeled: pd.DataFrame) -> None:
+    """On a resume: the classes, the train split, the labeled subset and its labels must be the run's."""
     stored = read_run_info(model_dir)
     for key in ("class_names", "task", "num_train"):
         if stored.get(key) != run_info[key]:
             raise ConfigError(f"--data_dir: {key} is {run_info[key]!r}, the run in {model_dir} has {stored.get(key)!r}")
     path = os.path.join(model_dir, LABELED)
-    if os.path.isfile(path) and list(read_csv(path, dtype={"id": str})["id"]) != list(labeled_ids):
+    if not os.path.isfile(path):
+        return
+    before = read_csv(path, dtype=str)
+    if list(before["id"]) != list(labeled["id"]):
         raise ConfigError(f"the labeled subset differs from {path} (other records or --labeled_ids); use a new "
+                          "--model_dir")
+    if "labels" in before and list(before["labels"]) != list(labeled["labels"]):
+        changed = [i for i, a, b in zip(before["id"], before["labels"], labeled["labels"]) if a != b]
+        raise ConfigError(f"the labels of {len(changed)} labeled image(s) differ from {path} (first: {changed[0]!r}; "
+                          "a --labeled_ids file changed); the run was trained with those in the file: use a new "
                           "--model_dir")
 
 

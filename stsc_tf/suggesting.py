@@ -34,7 +34,7 @@ from stsc_tf.errors import ConfigError
 from stsc_tf.evaluation import check_records, refuse_nonfinite
 from stsc_tf.files import atomic_write_csv, read_csv
 from stsc_tf.losses import probabilities
-from stsc_tf.run_folder import LABELED, load_run
+from stsc_tf.run_folder import LABELED, check_writable, load_run
 
 log = logging.getLogger("stsc_tf.suggest")
 SHEET = 20  # thumbnails on the sheet
@@ -67,10 +67,12 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
                 checkpoint: str = "best") -> str:
     """Ranks the run's unlabeled training images for labeling; writes the CSV and a thumbnail sheet; returns the
     CSV's path."""
+    out = out or os.path.join(model_dir, "to_label.csv")
+    _check_output(out)
     cfg, run, model = load_run(model_dir, checkpoint)
     records = RecordSet.open(run["data_dir"])
     check_records(records, run, f"the run's data_dir ({run['data_dir']})")
-    out = out or os.path.join(model_dir, "to_label.csv")
+    records.check(["train"])
     labeled_ids = set(read_csv(os.path.join(model_dir, LABELED), dtype={"id": str})["id"])
     multi_label = run["task"] == "multi_label"
     with records.reading():
@@ -108,6 +110,23 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
           f"the enlarged labeled set:\n  python -m stsc_tf.train ... --model_dir=NEW_RUN "
           f"--labeled_ids={os.path.join(model_dir, LABELED)}+{out} --init_from={model_dir}")
     return out
+
+
+def _check_output(out: str) -> None:
+    """Never replaces a list an expert has started to label (or a file that is not a suggestion list)."""
+    if not out.endswith(".csv") or os.path.isdir(out):
+        raise ConfigError(f"--out={out!r}: give a .csv path")
+    if os.path.exists(out):
+        try:
+            existing = read_csv(out, dtype=str)
+        except (ValueError, UnicodeDecodeError):
+            existing = None
+        if existing is None or "labels" not in existing or "rank" not in existing:
+            raise ConfigError(f"--out={out!r} exists and is not a suggestion list; it is not replaced")
+        if (existing["labels"].str.strip() != "").any():
+            raise ConfigError(f"--out={out!r} holds labels an expert gave ({int((existing['labels'] != '').sum())} "
+                              "rows); it is not replaced: choose another --out")
+    check_writable(os.path.dirname(os.path.abspath(out)), "--out")
 
 
 def _thumbnails(records: RecordSet, image_size: int, rows: pd.DataFrame, path: str) -> None:

@@ -74,6 +74,7 @@ def validate(cfg: Config, num_replicas: int = 1) -> RecordSet:
     check_batch(d.batch_size, d.labeled_per_batch, num_replicas)
     try:
         records = RecordSet.open(d.data_dir)
+        records.check()  # every shard the run reads, by hash, before any work
     except DataError as e:
         raise ConfigError(f"--data_dir={d.data_dir!r}: {e}") from None
     if records.count("train") < d.batch_size:
@@ -216,6 +217,12 @@ def run_training(cfg: Config, extra_callbacks=(), bootstrap: int = 200, allow_ch
         stored = run_folder.read_config(model_dir)
         if stored is not None:
             run_folder.check_same_run(stored, cfg, allow_changes)
+            done = max([b["epoch"] for b in run_folder.read_backup_state(
+                os.path.join(model_dir, run_folder.BACKUP)).get("backups", [])] or [0])
+            if cfg.train.epochs < done:
+                raise ConfigError(f"--epochs={cfg.train.epochs}: the run in {model_dir} has finished {done} epochs "
+                                  f"already (its weights are those of epoch {done}); use a new --model_dir to train "
+                                  "fewer")
             if run_folder.config_differences(stored, cfg):  # only allowed ones are left: the run records them
                 run_folder.update_config(model_dir, cfg)
         return _train(cfg, records, strategy, model_dir, stored is not None, extra_callbacks, bootstrap, t0)
@@ -228,7 +235,10 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
         run_folder.check_same_records(model_dir, records.data_dir, fingerprint)
     labeled_idx, label_table = labeled_selection(records, cfg)
     table = records.table("train")
-    labeled_ids = [table["id"][i] for i in labeled_idx]
+    used = (label_table if label_table is not None else records.labels("train", table))[labeled_idx]  # [M, K]
+    labeled = pd.DataFrame({"id": [table["id"][i] for i in labeled_idx], "index": labeled_idx,
+                            "labels": ["|".join(records.class_names[k] for k in np.flatnonzero(row > 0.5))
+                                       or ("none" if records.task == "multi_label" else "") for row in used]})
     num_train = records.count("train")
     steps = cfg.train.steps_per_epoch or math.ceil(len(labeled_idx) / cfg.data.labeled_per_batch)
     run_info = {"class_names": records.class_names, "task": records.task, "num_train": num_train,
@@ -237,15 +247,14 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
                 "records_fingerprint": fingerprint}
     if cfg.loss.class_weighted_consistency or cfg.loss.class_weighted_supervised:
         # From the labels a user has: the labeled subset's (SRC-MT counts the whole dataset).
-        labeled_labels = (label_table if label_table is not None else records.labels("train", table))[labeled_idx]
         dataset_size = sum(records.count(split) for split in ("train", "val", "test"))
-        run_info["class_weights"] = class_weights(labeled_labels, dataset_size)
+        run_info["class_weights"] = class_weights(used, dataset_size)
     else:
         run_info["class_weights"] = None
     if resuming:
-        run_folder.check_same_data(model_dir, run_info, labeled_ids)
+        run_folder.check_same_data(model_dir, run_info, labeled)
     else:
-        run_folder.write_run_files(model_dir, cfg, run_info, pd.DataFrame({"id": labeled_ids, "index": labeled_idx}))
+        run_folder.write_run_files(model_dir, cfg, run_info, labeled)
     if cfg.train.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
     try:

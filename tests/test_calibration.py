@@ -276,3 +276,13 @@ def test_ece_refuses_bad_input():
         calibration.expected_calibration_error(np.eye(2), np.eye(2), multi_label=False, n_bins=0)
     with pytest.raises(ValueError, match="shapes differ"):
         calibration.reliability_curve(np.eye(2), np.eye(3), multi_label=True)
+
+
+def test_platt_never_inverts_a_class_ranking():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(200, 2))
+    y = np.stack([(z[:, 0] > 0), (z[:, 1] < 0)], axis=1).astype(float)  # class 1: the logit ranks it backwards
+    cal = calibration.fit_calibration(z, y, multi_label=True, method="platt")
+    assert cal.platt_a[0] > 0 and cal.identity_classes == [1] and cal.platt_a[1] == 1.0 and cal.platt_b[1] == 0.0
+    probs = cal.apply(z)
+    assert np.all(np.diff(probs[np.argsort(z[:, 1]), 1]) >= 0)  # the order of class 1's scores is kept

@@ -75,6 +75,19 @@ class RecordSet:
     def files(self, split: str) -> list[str]:
         return shard_paths(self.data_dir, self.manifest, split)
 
+    def check(self, splits=features.SPLITS) -> None:
+        """Hashes the splits' shards against the manifest: DataError naming any whose bytes changed.
+
+        TFRecord's own checksums catch a damaged record; a shard rewritten with other, valid records (other labels,
+        other images) only a hash catches. About a second per GB.
+        """
+        damaged = damaged_shards(self.data_dir, {**self.manifest, "splits": {
+            s: info for s, info in self.manifest["splits"].items() if s in splits}})
+        if damaged:
+            raise DataError(f"{self.data_dir}: shard(s) {damaged} differ from the manifest (SHA-256): their bytes "
+                            f"changed after the conversion. Check with python -m stsc_tf.convert --verify "
+                            f"--output_dir={self.data_dir}, then convert again")
+
     @contextlib.contextmanager
     def reading(self):
         """Turns TensorFlow's "corrupted record" into a DataError naming the damaged shard(s) (checked by hash)."""

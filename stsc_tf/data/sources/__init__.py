@@ -11,7 +11,7 @@ from typing import Callable
 
 from stsc_tf.data.sources import chestxray14, csv_folder, isic2018
 from stsc_tf.data.sources.common import (MULTI_LABEL, SINGLE_LABEL, Row, Source, check_inside, check_on_error,
-                                         read_csv_rows)
+                                         check_one_row_per_file, read_csv_rows)
 from stsc_tf.errors import DataError
 
 __all__ = ["DATASETS", "MULTI_LABEL", "SINGLE_LABEL", "Row", "Source", "load_source", "read_csv_rows"]
@@ -40,6 +40,7 @@ def load_source(dataset: str, source_dir: str, *, on_error: str = "fail", allow_
     if not allow_external_paths:
         roots = [source_dir] + ([kwargs["image_dir"]] if kwargs.get("image_dir") else [])
         source.rows = check_inside(source.rows, roots, source.skipped, on_error)
+    source.rows = check_one_row_per_file(source.rows, source.skipped, on_error)
     if not source.rows:
         raise DataError(f"{source_dir}: no usable rows ({len(source.skipped)} skipped)")
     return source

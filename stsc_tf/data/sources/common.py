@@ -103,6 +103,23 @@ def read_csv_rows(path: str) -> tuple[list[str], list[list[str]], list[int]]:
     return header, rows, lines
 
 
+def check_one_row_per_file(rows: list[Row], skipped: list, on_error: str) -> list[Row]:
+    """Refuses a second row for one image file (e.g. 'a.png' and './a.png'): the same image under two ids could land
+    in two splits, with two labels."""
+    first: dict[str, Row] = {}
+    kept = []
+    for row in rows:
+        if row.path is not None:
+            real = os.path.realpath(row.path)
+            if real in first:
+                row_problem(skipped, on_error, row.where or row.id,
+                            f"the image file {real} is already the image of {first[real].where or first[real].id}")
+                continue
+            first[real] = row
+        kept.append(row)
+    return kept
+
+
 def check_inside(rows: list[Row], roots: list[str], skipped: list, on_error: str) -> list[Row]:
     """Refuses rows whose image resolves (symlinks and '..' included) outside every folder in `roots`."""
     real_roots = [os.path.realpath(r) for r in roots]
