@@ -49,8 +49,12 @@ def _outputs_fn(network: keras.Model, *, class_names: list[str], multi_label: bo
     names = tf.constant(class_names)
 
     def outputs(images):
+        n = tf.shape(images)[0]
+        # An empty request is an empty answer (a convolution over zero images fails on some kernels): one blank
+        # image stands in and is dropped again.
+        images = tf.cond(n > 0, lambda: images, lambda: tf.zeros(tf.concat([[1], tf.shape(images)[1:]], 0)))
         _, logits = network(images, training=False)
-        logits = tf.cast(logits, tf.float32)
+        logits = tf.cast(logits, tf.float32)[:n]
         probs = losses.probabilities(logits, multi_label)  # [N, K]
         index = tf.argmax(probs, axis=1)  # [N]
         out = {"probabilities": probs, "class_index": index, "class_name": tf.gather(names, index)}

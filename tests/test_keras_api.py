@@ -45,7 +45,8 @@ def custom_classifier(size=S) -> keras.Model:
 
 
 def fit_a_little(model, images, labels, labeled, epochs=1):
-    return model.fit(stsc_dataset(images, labels, labeled, batch_size=8, labeled_per_batch=2, image_size=S, seed=0),
+    return model.fit(stsc_dataset(images, labels, labeled, num_classes=K, batch_size=8, labeled_per_batch=2, image_size=S,
+                                  seed=0),
                      epochs=epochs, verbose=0)
 
 
@@ -79,8 +80,8 @@ def test_mobilenetv3_from_keras_applications_trains_through_fit(tmp_path):
     model = STSCModel(with_relation_output(net, layer=pooled), num_train=N, loss_config=LOSS)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images, labels, labeled = data(size=size)
-    history = model.fit(stsc_dataset(images, labels, labeled, batch_size=8, labeled_per_batch=2), epochs=1,
-                        verbose=0)
+    history = model.fit(stsc_dataset(images, labels, labeled, num_classes=K, batch_size=8, labeled_per_batch=2),
+                        epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
     _round_trip(model, tmp_path, preprocess_images(images[:4], size))
 
@@ -267,12 +268,56 @@ def test_evaluate_and_predict_take_images_tuples_and_dicts():
                                atol=1e-6)
     np.testing.assert_allclose(model.predict(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), verbose=0), p,
                                atol=1e-6)
+    np.testing.assert_allclose(model.predict((x, y), batch_size=16, verbose=0), p, atol=1e-6)
+    np.testing.assert_allclose(model((x, y)), p, atol=1e-5)
+    indices = model.evaluate(x, labels, batch_size=16, verbose=0, return_dict=True)  # class indices, [N] or [N, 1]
+    assert indices == pytest.approx(arrays)
+    assert model.evaluate(x, labels[:, None], batch_size=16, verbose=0, return_dict=True) == pytest.approx(arrays)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match=f"{K} classes"):
+        model.evaluate(x, y[:, :2], batch_size=16, verbose=0)  # at tracing, or at run time after a relaxed retrace
+
+
+def test_with_relation_output_takes_sequential_models_and_refuses_hidden_probabilities():
+    sequential = keras.Sequential([keras.Input((S, S, 3)), keras.layers.Conv2D(4, 3, name="maps"),
+                                   keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(K, activation="softmax")])
+    network = with_relation_output(sequential)
+    features, logits = network(np.zeros((2, S, S, 3), np.float32))
+    assert features.shape == (2, S - 2, S - 2, 4) and logits.shape == (2, K)
+    inputs = keras.Input((S, S, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="maps")(inputs))
+    hidden = keras.layers.Lambda(lambda t: keras.ops.softmax(t))(keras.layers.Dense(K)(x))  # a softmax it cannot see
+    with pytest.raises(ValueError, match="probabilities, not logits"):
+        with_relation_output(keras.Model(inputs, hidden), layer="maps")
+
+
+def test_labels_that_do_not_fit_the_model_are_refused_by_name():
+    images, labels, labeled = data()
+    with pytest.raises(ValueError, match="num_classes"):  # indices alone cannot tell an absent last class
+        stsc_dataset(images, labels, labeled, batch_size=8, labeled_per_batch=2)
+    with pytest.raises(ValueError, match="0..1"):
+        stsc_dataset(images, labels, labeled, num_classes=2, batch_size=8, labeled_per_batch=2)
+    absent_last = np.where(labels == K - 1, 0, labels)  # class K-1 absent from the labels: still K columns
+    ds = stsc_dataset(images, absent_last, labeled, num_classes=K, batch_size=8, labeled_per_batch=2)
+    assert ds.element_spec["label"].shape[-1] == K
+    pairs = tf.data.Dataset.from_tensor_slices((images, labels))  # scalar class indices
+    batch = next(iter(stsc_dataset(pairs, labeled=labeled, num_classes=K, batch_size=8, labeled_per_batch=2)))
+    assert batch["label"].shape == (8, K)
+    model = STSCModel.from_backbone("tiny", num_classes=K, image_size=S, num_train=N, loss_config=LOSS)
+    model.compile(optimizer="sgd")
+    narrow = stsc_dataset(images, np.eye(2)[labels % 2], labeled, batch_size=8, labeled_per_batch=2)
+    with pytest.raises(ValueError, match=rf"\[B, {K}\]"):
+        model.fit(narrow, epochs=1, verbose=0)
+    small = STSCModel.from_backbone("tiny", num_classes=K, image_size=S, num_train=N // 2, loss_config=LOSS)
+    small.compile(optimizer="sgd")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_train"):  # indices past the TSC memory
+        small.fit(stsc_dataset(images, labels, labeled, num_classes=K, batch_size=8, labeled_per_batch=2), epochs=1,
+                  verbose=0)
 
 
 def test_stsc_dataset_from_a_dataset_of_pairs_composes_the_labeled_share_and_indices():
     images, labels, labeled = data()
     pairs = tf.data.Dataset.from_tensor_slices((images, keras.utils.to_categorical(labels, K)))
-    ds = stsc_dataset(pairs, labeled=labeled, batch_size=8, labeled_per_batch=2, num_replicas=2, seed=3)
+    ds = stsc_dataset(pairs, labeled=labeled, num_classes=K, batch_size=8, labeled_per_batch=2, num_replicas=2, seed=3)
     assert int(ds.cardinality()) == int(np.ceil(labeled.sum() / 2))
     for batch in ds.take(3):
         index = batch["index"].numpy()

@@ -167,6 +167,15 @@ def test_labeled_subset_is_stratified_and_seeded():
         labeled_subset(labels, 0.0, 0)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_labeled_subset_labels_every_present_class_even_a_single_image(seed):
+    labels = np.eye(4)[np.r_[np.zeros(200, int), np.ones(30, int), [2], np.full(5, 3)]]  # class 2: one image
+    idx = labeled_subset(labels, 0.01, seed=seed)
+    assert np.all(labels[idx].sum(0) >= 1), labels[idx].sum(0)
+    none = np.zeros((50, 3))  # multi-label, all 'No Finding', a ratio too small for one row
+    assert len(labeled_subset(none, 0.001, seed=seed)) >= 1
+
+
 def test_stream_started_at_an_epoch_equals_the_uninterrupted_stream(synth_isic_records):
     rs = RecordSet.open(synth_isic_records)
     c = cfg(synth_isic_records)

@@ -66,7 +66,9 @@ try:
     bad = "no error"
 except tf.errors.InvalidArgumentError:
     bad = "InvalidArgumentError"
-print(json.dumps({"probabilities": out["probabilities"].numpy().tolist(),
+empty = m.signatures["serving_default"](image_bytes=tf.constant([], tf.string))
+empty_pixels = m.signatures["predict_pixels"](pixels=tf.zeros([0, 40, 40, 3]))
+print(json.dumps({"empty": [list(empty["probabilities"].shape), list(empty_pixels["probabilities"].shape)],"probabilities": out["probabilities"].numpy().tolist(),
                   "class_name": [c.decode() for c in out["class_name"].numpy()],
                   "class_index": out["class_index"].numpy().tolist(), "bad": bad,
                   "custom_code": sorted(k for k in sys.modules if k.startswith(("stsc_tf", "keras")))}))
@@ -89,6 +91,7 @@ def test_export_runs_with_tensorflow_alone_and_matches_keras(trained, exported):
     np.testing.assert_allclose(out["probabilities"], keras_probs, atol=1e-5)
     assert out["class_name"] == [run["class_names"][i] for i in np.argmax(keras_probs, 1)]
     assert out["bad"] == "InvalidArgumentError"
+    assert out["empty"] == [[0, len(run["class_names"])]] * 2  # an empty request is an empty answer
 
 
 def test_export_has_both_signatures_warmup_and_no_python_ops(exported):

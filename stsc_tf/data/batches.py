@@ -121,20 +121,26 @@ def _as_rgb(images: tf.Tensor) -> tf.Tensor:
     return images
 
 
-def _labels_2d(labels: np.ndarray, n: int) -> np.ndarray:
+def _labels_2d(labels: np.ndarray, n: int, num_classes: int | None) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim == 1:  # class indices
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError("labels must be class indices [N] (integers) or one-hot / multi-hot [N, K]")
-        labels = np.eye(int(labels.max()) + 1, dtype=np.float32)[labels]
+        if num_classes is None:  # the highest index present would silently drop an absent last class
+            raise ValueError("class indices need num_classes=K (the model's number of classes)")
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"class indices must lie in 0..{num_classes - 1}; found {labels.min()}..{labels.max()}")
+        labels = np.eye(num_classes, dtype=np.float32)[labels]
     if labels.ndim != 2 or len(labels) != n:
         raise ValueError(f"labels must be [N, K] or [N] with N = {n} images, got shape {labels.shape}")
+    if num_classes is not None and labels.shape[1] != num_classes:
+        raise ValueError(f"labels have {labels.shape[1]} columns; num_classes is {num_classes}")
     return labels.astype(np.float32)
 
 
 def stsc_dataset(images, labels=None, labeled=None, *, batch_size: int, labeled_per_batch: int,
-                 image_size: int | None = None, num_samples: int | None = None, num_replicas: int = 1,
-                 steps_per_epoch: int | None = None, augmentation: Augmentation = Augmentation(),
+                 image_size: int | None = None, num_classes: int | None = None, num_samples: int | None = None,
+                 num_replicas: int = 1, steps_per_epoch: int | None = None, augmentation: Augmentation = Augmentation(),
                  preprocess="imagenet", shuffle_buffer: int = 4096, seed: int = 0) -> tf.data.Dataset:
     """STSC training batches from in-memory arrays or a dataset of (image, label) pairs.
 
@@ -145,10 +151,11 @@ def stsc_dataset(images, labels=None, labeled=None, *, batch_size: int, labeled_
     Args:
       images: [N, H, W, C] array (uint8 or float pixels 0..255; C = 1 or 3), or a finite `tf.data.Dataset` of
         (image [H, W, C], label) pairs — the labeled mask then refers to the dataset's order.
-      labels: [N, K] one-hot / multi-hot or [N] class indices (arrays only).
+      labels: [N, K] one-hot / multi-hot or [N] class indices (arrays only; indices need `num_classes`).
       labeled: [N] bool mask of the samples whose labels the model may see (default: all).
       batch_size, labeled_per_batch: the GLOBAL batch and its labeled share (SRC-MT: 48 and 12).
       image_size: side of the square views (default: the images' height).
+      num_classes: K; required for class indices (arrays, or a dataset's scalar labels), checked otherwise.
       num_samples: N for a dataset whose length is unknown.
       num_replicas: replicas the global batch is split over (each slice gets the same labeled share).
       preprocess: 'imagenet' (ImageNet mean/std, as the record pipeline), None (0..255), or a function of
@@ -166,8 +173,19 @@ def stsc_dataset(images, labels=None, labeled=None, *, batch_size: int, labeled_
             raise ValueError("the dataset's length is unknown: pass num_samples=N")
         if labels is not None:
             raise ValueError("with a dataset of (image, label) pairs, leave labels=None")
-        source = source.enumerate().map(lambda i, pair: {"image": pair[0], "label": tf.cast(pair[1], tf.float32),
-                                                         "index": i})
+        label_spec = source.element_spec[1]
+        if label_spec.shape.rank == 0 or (label_spec.shape.rank == 1 and label_spec.shape[0] == 1
+                                          and label_spec.dtype.is_integer and num_classes != 1):
+            if not label_spec.dtype.is_integer or num_classes is None:
+                raise ValueError("a dataset of (image, class index) pairs needs integer indices and num_classes=K")
+            to_label = lambda y: tf.one_hot(tf.reshape(y, []), num_classes)  # noqa: E731
+        elif label_spec.shape.rank != 1 or (num_classes is not None and label_spec.shape[0] not in (None,
+                                                                                                   num_classes)):
+            raise ValueError(f"the dataset's labels have shape {label_spec.shape}; expected [K] one-hot / multi-hot "
+                             "or a scalar class index")
+        else:
+            to_label = lambda y: tf.cast(y, tf.float32)  # noqa: E731
+        source = source.enumerate().map(lambda i, pair: {"image": pair[0], "label": to_label(pair[1]), "index": i})
     else:
         images = np.asarray(images)
         if images.ndim != 4:
@@ -175,7 +193,7 @@ def stsc_dataset(images, labels=None, labeled=None, *, batch_size: int, labeled_
         n = len(images)
         if labels is None:
             raise ValueError("labels are required with an image array")
-        source = tf.data.Dataset.from_tensor_slices({"image": images, "label": _labels_2d(labels, n),
+        source = tf.data.Dataset.from_tensor_slices({"image": images, "label": _labels_2d(labels, n, num_classes),
                                                      "index": np.arange(n, dtype=np.int64)})
     mask = np.ones(n, bool) if labeled is None else np.asarray(labeled, bool)
     if mask.shape != (n,):

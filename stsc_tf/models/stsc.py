@@ -298,7 +298,10 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         return super().fit(x, y, *args, steps_per_epoch=steps_per_epoch, **kwargs)
 
     def call(self, images, training=False):
-        """Probabilities [B, K] of the `eval_with` network. Takes images, or a batch dict ('image' or the views)."""
+        """Probabilities [B, K] of the `eval_with` network. Takes images, an (images, labels) pair, or a batch dict
+        ('image' or the views)."""
+        if isinstance(images, (tuple, list)):
+            images = images[0]
         if isinstance(images, dict):
             images = images["image"] if "image" in images else images["student_view"]
         _, logits = self.eval_network(images, training=training)
@@ -445,8 +448,7 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         """The fractional epoch of the step being taken (iterations / steps_per_epoch)."""
         return schedules.fractional_epoch(self.optimizer.iterations, self.steps_per_epoch or 1)
 
-    @staticmethod
-    def _check_batch(data) -> dict:
+    def _check_batch(self, data) -> dict:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         missing = [k for k in REQUIRED_KEYS if not isinstance(x, dict) or k not in x]
         if y is not None or sample_weight is not None or missing:
@@ -454,6 +456,11 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
             raise ValueError(f"STSCModel.fit needs batches that are dicts with keys {list(REQUIRED_KEYS)} (got "
                              f"{got}); build them with stsc_tf.data.stsc_dataset(images, labels, labeled_mask, ...) "
                              "or a dataset of (image, label) pairs")
+        width = x["label"].shape[-1] if x["label"].shape.rank == 2 else None
+        if x["label"].shape.rank != 2 or (width is not None and width != self.num_classes):
+            raise ValueError(f"the batch's 'label' has shape {x['label'].shape}; this model has {self.num_classes} "
+                             f"classes, so labels must be [B, {self.num_classes}] one-hot / multi-hot (pass "
+                             f"num_classes={self.num_classes} to stsc_dataset for class indices)")
         return x
 
     # ------------------------------------------------------------------------------------------------ the step
@@ -475,6 +482,10 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         f_t, z_t = self.teacher(data["teacher_view"], training=True)
         d_t = tf.stop_gradient(self._gather(self.relation_features(f_t)))  # [B, D]
         index = self._gather(tf.cast(data["index"], tf.int64))  # [B]
+        # An index past the memory would be dropped silently by a GPU scatter: refused on every device.
+        tf.debugging.assert_less(index, tf.constant(self.num_train, tf.int64),
+                                 message=f"a batch 'index' is >= num_train ({self.num_train}), the TSC memory's rows")
+        tf.debugging.assert_non_negative(index, message="a batch 'index' is negative")
         d_prev = tf.cast(tf.gather(self.tsc_memory, index), tf.float32)  # [B, D]
         seen = tf.gather(self.tsc_seen, index) > 0.5  # [B]
         f_s, z_s = self.student(data["student_view"], training=True)
@@ -533,10 +544,33 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
             raise ValueError("STSCModel.evaluate needs (images, labels) pairs or dicts with 'image' and 'label'")
         return x, y
 
+    def _one_hot(self, labels) -> tf.Tensor:
+        """[b, K] float labels from one-hot / multi-hot [b, K] or class indices [b] / [b, 1]."""
+        labels = tf.convert_to_tensor(labels)
+        k = self.num_classes
+        wrong = (f"labels must be [B, {k}] one-hot / multi-hot or [B] class indices: this model has {k} classes")
+        static = labels.shape.rank is not None and (labels.shape.rank == 1 or labels.shape[-1] is not None)
+        if not static:  # a relaxed retrace ([None, None] or unknown rank): decided at run time
+            if labels.dtype.is_integer and not self.multi_label:
+                indices = tf.logical_or(tf.equal(tf.rank(labels), 1), tf.equal(tf.shape(labels)[-1], 1) & (k > 1))
+                labels = tf.cond(indices, lambda: tf.one_hot(tf.reshape(labels, [-1]), k),
+                                 lambda: tf.cast(labels, tf.float32))
+            shape = tf.shape(labels)
+            with tf.control_dependencies([tf.debugging.assert_equal(tf.size(shape), 2, message=wrong),
+                                          tf.debugging.assert_equal(shape[-1], k, message=wrong)]):
+                return tf.ensure_shape(tf.cast(tf.reshape(labels, [-1, k]), tf.float32), [None, k])
+        if labels.dtype.is_integer and (labels.shape.rank == 1 or (labels.shape[-1] == 1 and k > 1)):
+            if self.multi_label:
+                raise ValueError("class indices cannot describe multi-label targets: pass [B, K] multi-hot labels")
+            labels = tf.one_hot(tf.reshape(labels, [-1]), k)
+        if labels.shape.rank != 2 or labels.shape[-1] != k:
+            raise ValueError(f"{wrong} (got shape {labels.shape})")
+        return tf.cast(labels, tf.float32)
+
     def test_step(self, data):
         images, labels = self._eval_inputs(data)
         _, logits = self.eval_network(images, training=False)
-        labels = tf.cast(labels, tf.float32)
+        labels = self._one_hot(labels)
         n = tf.cast(tf.shape(labels)[0], tf.float32)
         everyone = tf.ones([tf.shape(labels)[0]], tf.bool)
         loss = losses.supervised_loss(logits, labels, everyone, multi_label=self.multi_label, normalizer=n)
