@@ -248,6 +248,10 @@ def substructures_run(model_dir: str, out: str = "", checkpoint: str = "best", t
         labels = _label_names(batch["label"].numpy(), records.class_names)
         thumbs = augment.resize(augment.denormalize(batch["image"]), 64).numpy()
         _, _, last = load_run(model_dir, "last" if checkpoint == "best" else "best")
+        if all(np.array_equal(a, b) for a, b in zip(model.student.get_weights(), last.student.get_weights())):
+            raise ConfigError(f"{model_dir}: no relation recordings in {folder} and the best and last checkpoints "
+                              "hold the same weights, so nothing shows how the structure changed; train with "
+                              "--relation_every_epochs=N (N >= 1) to record it")
         r_now = relation_matrices(model, batch["image"])[0]
         r_prev = relation_matrices(last, batch["image"])[0]
         epochs = "the best and the last checkpoints"

@@ -2,6 +2,7 @@
 the images to label next (fed back into training)."""
 
 import csv
+import glob
 import json
 import os
 import resource
@@ -284,3 +285,31 @@ def test_suggest_refuses_a_run_whose_training_split_is_all_labeled(isic, tmp_pat
     train[["id", "index"]].to_csv(run / "labeled_ids.csv", index=False)
     with pytest.raises(ConfigError, match="every training image .* is labeled already"):
         suggesting.suggest_run(str(run), budget=5)
+
+
+def test_outputs_never_replace_what_a_user_wrote_and_literal_names_are_found(isic, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(isic["run"], run)
+    listing = tmp_path / "to_label.csv"
+    suggesting.suggest_run(str(run), budget=3, out=str(listing))
+    suggesting.suggest_run(str(run), budget=3, out=str(listing))  # its own untouched list may be replaced
+    table = pd.read_csv(listing, keep_default_na=False, dtype=str)
+    table.loc[0, "labels"] = "MEL"  # the expert has started labeling
+    table.to_csv(listing, index=False)
+    before = listing.read_bytes()
+    with pytest.raises(ConfigError, match="holds labels an expert gave"):
+        suggesting.suggest_run(str(run), budget=3, out=str(listing))
+    notes = tmp_path / "notes.csv"
+    notes.write_text("patient,comment\n1,keep\n")
+    with pytest.raises(ConfigError, match="not a suggestion list"):
+        suggesting.suggest_run(str(run), budget=3, out=str(notes))
+    with pytest.raises(ConfigError, match="not a predictions CSV"):
+        evaluation.predict_run(str(run), data_dir=isic["records"], out=str(notes))
+    with pytest.raises(ConfigError, match="give a .csv path"):
+        evaluation.predict_run(str(run), data_dir=isic["records"], out=str(tmp_path / "photo.jpg"))
+    assert listing.read_bytes() == before and notes.read_text() == "patient,comment\n1,keep\n"
+    # a file whose name holds glob characters is itself, not a pattern
+    odd = tmp_path / "scan[1].jpg"
+    shutil.copy(sorted(glob.glob(os.path.join(isic["raw"], "**", "*.jpg"), recursive=True))[0], odd)
+    result = evaluation.predict_run(str(run), images=str(odd), out=str(tmp_path / "odd.csv"))
+    assert list(pd.read_csv(tmp_path / "odd.csv")["path"]) == [str(odd)], result

@@ -156,6 +156,11 @@ def test_output_folder_with_foreign_files_is_refused_and_kept(synth_isic_raw, tm
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "out" / "train.csv").read_text() == "id\nmine\n"
     assert (tmp_path / "out" / "train-00000-of-00004.tfrecord").read_bytes() == b"mine"
+    (tmp_path / "out" / "notes.txt").unlink()
+    (tmp_path / "out" / "manifest.json").write_text('{"files": ["train.csv"]}')  # another tool's manifest
+    with pytest.raises(DataError, match="not empty.*never deletes"):
+        run_convert(tmp_path, synth_isic_raw, overwrite=True)
+    assert (tmp_path / "out" / "manifest.json").read_text() == '{"files": ["train.csv"]}'
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -173,7 +178,7 @@ def _gt(src):
 
 def test_missing_image_fails_or_is_skipped(isic_copy, tmp_path):
     (isic_copy / isic2018.TRAIN_DIR / "ISIC_0000005.jpg").unlink()
-    with pytest.raises(DataError, match="ISIC_0000005.*missing image file"):
+    with pytest.raises(DataError, match=r"\(ISIC_0000005\) \(looked for \S*Training_Input/ISIC_0000005.jpg\): missing"):
         run_convert(tmp_path, isic_copy)
     manifest, out = run_convert(tmp_path, isic_copy, name="skip", on_error="skip")
     assert manifest["skipped"] == 1 and sum(s["count"] for s in manifest["splits"].values()) == 119
@@ -229,7 +234,8 @@ def test_unknown_finding_name(chest_dir, tmp_path):
     src = tmp_path / "chest"
     shutil.copytree(chest_dir, src)
     lines = (src / chestxray14.ENTRY_CSV).read_text().splitlines()
-    lines[5] = lines[5].replace("|", "|Pneumonitis|", 1) if "|" in lines[5] else lines[5].replace(",", ",Pneumonitis|", 1)
+    lines[5] = (lines[5].replace("|", "|Pneumonitis|", 1) if "|" in lines[5]
+                else lines[5].replace(",", ",Pneumonitis|", 1))
     (src / chestxray14.ENTRY_CSV).write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="row 6 .*unknown finding 'Pneumonitis'"):
         chestxray14.load(str(src))
@@ -315,6 +321,12 @@ def test_csv_folder_with_gray_rgba_and_16bit_png(tmp_path):
                 np.testing.assert_array_equal(image, np.asarray(kinds["rgba"])[..., :3])
         expected = {"a": [1, 0], "b": [0, 1], "a|b": [1, 1]}
         assert all(np.array_equal(recs[r[0]][2], expected[r[1]]) for r in rows)
+    images = tmp_path / "elsewhere"  # --image_dir: a missing file is reported where it was looked for
+    shutil.copytree(src, images)
+    (images / "gray0.png").unlink()
+    with pytest.raises(DataError, match=r"gray0.png.*looked for \S*elsewhere/gray0.png"):
+        run_convert(tmp_path, src, dataset="csv_folder", name="moved", image_column="file", label_column="findings",
+                    task="multi_label", image_dir=str(images))
 
 
 def test_convert_cli_reports_errors_and_summary(synth_isic_raw, tmp_path):

@@ -2,6 +2,7 @@
 temporal sub-structures that are sub-structures (the zscore rule, the largest-component watch, explain substructures).
 The gate and the weighted CE are checked against hand-computed and PyTorch values in test_losses.py."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from absl import flags as absl_flags
 from stsc_tf import callbacks as callbacks_lib
 from stsc_tf import explaining, losses, run_folder
 from stsc_tf.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
+from stsc_tf.errors import ConfigError
 from stsc_tf.models.backbones import build_network
 from stsc_tf.models.stsc import STSCModel
 from stsc_tf.training import run_training
@@ -156,6 +158,12 @@ def test_explain_substructures_draws_the_stable_sub_structures_of_a_run(synth_is
     assert path == str(tmp_path / "run" / "substructures.png") and os.path.getsize(path) > 10_000
     log = pd.read_csv(tmp_path / "run" / "log.csv")
     assert "tsc_largest_component" in log.columns
+    # no recordings and one epoch: best and last are the same weights, so there is no change to draw
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model_dir=str(tmp_path / "one"), epochs=1,
+                                                             relation_every_epochs=0))
+    run_training(one, bootstrap=0)
+    with pytest.raises(ConfigError, match="same weights.*--relation_every_epochs"):
+        explaining.substructures_run(str(tmp_path / "one"))
 
 
 def test_a_row_whose_relations_are_all_alike_has_no_edge():

@@ -102,6 +102,17 @@ def _conversion_files(out_dir: str) -> set[str]:
         return own
 
 
+def _is_conversion(out_dir: str) -> bool:
+    """True when the folder's manifest.json is one this converter wrote (another tool's manifest is not)."""
+    try:
+        with open(os.path.join(out_dir, features.MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and {"format_version", "task", "class_names", "splits"} <= set(manifest)
+            and isinstance(manifest["splits"], dict))
+
+
 class OutputFolder:
     """The output folder of one conversion: a lock for it, its work folder, and the final move (see module doc)."""
 
@@ -158,7 +169,7 @@ class OutputFolder:
         entries = sorted(os.listdir(self.out_dir))
         if not entries:
             return
-        if features.MANIFEST not in entries:
+        if features.MANIFEST not in entries or not _is_conversion(self.out_dir):
             raise DataError(f"output folder {self.out_dir} is not empty and holds no finished conversion "
                             f"({entries[:5]}); the converter never deletes files it did not write: choose an empty "
                             "or new folder")
@@ -337,6 +348,11 @@ def convert(cfg: ConvertConfig) -> dict:
     return manifest
 
 
+def _where(row, source: Source) -> str:
+    """The row and its file (or where the file was looked for), for a message or the skipped list."""
+    return f"{row.where or row.id} ({row.path or 'looked for ' + (row.expected or 'under ' + source.source_dir)})"
+
+
 def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool) -> dict:
     rows = source.rows if (cfg.split == "official" or cfg.split_dir) else source.random_rows()
     log.info("%s: %d rows in the tables (%d skipped)", source.dataset, len(rows), len(source.skipped))
@@ -346,10 +362,9 @@ def _convert(cfg: ConvertConfig, source: Source, out_dir: str, pool) -> dict:
                          cfg.workers, "checked images"))
     problems = [(i, why) for i, why, _ in checked if why]
     if problems and cfg.on_error == "fail":
-        lines = [f"{rows[i].where or rows[i].id} ({rows[i].path or 'expected under ' + source.source_dir}): {why}"
-                 for i, why in problems[:5]]
+        lines = [f"{_where(rows[i], source)}: {why}" for i, why in problems[:5]]
         raise DataError(f"{len(problems)} bad image(s) (pass --on_error=skip to skip them):\n  " + "\n  ".join(lines))
-    skipped += [(f"{rows[i].where or rows[i].id} ({rows[i].path})", why) for i, why in problems]
+    skipped += [(_where(rows[i], source), why) for i, why in problems]
     known = {r.id: meta for r, (_, why, meta) in zip(rows, checked) if not why}  # id -> (format, height, width)
     rows = [r for r in rows if r.id in known]
     if not rows:

@@ -18,10 +18,13 @@ from stsc_tf.errors import ConfigError, DataError
 
 
 def expand_images(spec: str, flag: str = "--images") -> list[str]:
-    """Files named by a comma list of paths and globs (`**` recurses), in order; a folder or no match is an error."""
+    """Files named by a comma list of paths and globs (`**` recurses), in order; a folder or no match is an error.
+
+    A part naming an existing file is that file, even when its name holds glob characters ('scan[1].png').
+    """
     paths = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        found = sorted(glob.glob(part, recursive=True))
+        found = [part] if os.path.isfile(part) else sorted(glob.glob(part, recursive=True))
         if not found:
             raise ConfigError(f"{flag}: no file matches {part!r}")
         folders = [p for p in found if os.path.isdir(p)]

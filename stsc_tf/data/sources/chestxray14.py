@@ -92,7 +92,8 @@ def load(source_dir: str, *, on_error: str = "fail") -> Source:
             split = official.get(image_id)
             if split is None:
                 raise DataError(f"{where}: not listed in {OFFICIAL_LISTS['trainval']} or {OFFICIAL_LISTS['test']}")
-        out.append(Row(image_id, images.get(image_id), label, "patient-" + r[i_pat].strip(), split, where))
+        out.append(Row(image_id, images.get(image_id), label, "patient-" + r[i_pat].strip(), split, where,
+                       expected=os.path.join(source_dir, "images", image_id) + " or images_NNN/images/"))
     notes = ["groups are patients (Patient ID)"]
     if official is not None:
         listed_only = sorted(set(official) - set(ids))

@@ -33,6 +33,7 @@ class Row:
     group: str
     split: str | None = None  # official assignment: 'train' | 'val' | 'test' | 'trainval' (split further), or None
     where: str = ""  # the table file and row it comes from, for messages
+    expected: str = ""  # where the image file was looked for (for a missing file's message)
 
 
 @dataclasses.dataclass

@@ -80,6 +80,7 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
             if label is None:
                 continue
         group = r[header.index(group_column)].strip() if group_column else image_id
-        out.append(Row(image_id, _resolve(image_dir, image_id), label, group, where=where))
+        out.append(Row(image_id, _resolve(image_dir, image_id), label, group, where=where,
+                       expected=os.path.join(image_dir, image_id) + "[.jpg|.jpeg|.png]"))
     return Source("csv_folder", task, names, out, source_dir, skipped,
                   [] if group_column else ["no group column: each image is its own group"])

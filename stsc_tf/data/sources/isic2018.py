@@ -58,7 +58,7 @@ def _read_table(source_dir: str, csv_name: str, image_dir: str, groups: dict[str
             continue
         image_path = os.path.join(source_dir, image_dir, image_id + ".jpg")
         out.append(Row(image_id, image_path if os.path.isfile(image_path) else None, label,
-                       groups.get(image_id, image_id), split, where))
+                       groups.get(image_id, image_id), split, where, expected=image_path))
     return out
 
 
