@@ -339,3 +339,14 @@ def test_convert_cli_reports_errors_and_summary(synth_isic_raw, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert again.returncode == 2 and "error:" in again.stderr and "--overwrite" in again.stderr
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["splits"]["train"]["count"] > 0
+
+
+@pytest.mark.parametrize("module", ["stsc_tf.synthetic", "stsc_tf.data.synthetic"])  # the earlier spelling stays
+def test_synthetic_cli_writes_a_layout_under_both_spellings(module, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-m", module, "--layout=isic2018", f"--out={tmp_path / 'raw'}",
+                           "--num_images=12", "--image_size=16"], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "wrote a synthetic isic2018 layout with 12 images" in done.stdout
+    assert len(list((tmp_path / "raw" / isic2018.TRAIN_DIR).glob("*.jpg"))) == 12

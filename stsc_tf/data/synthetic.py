@@ -1,6 +1,7 @@
 """A small, learnable dataset written in the raw ISIC 2018 or ChestX-ray14 layout (for the demo and tests).
 
     python -m stsc_tf.synthetic --layout=isic2018 --out=/tmp/synth_isic --num_images=400 --image_size=96   # the CLI
+    (`python -m stsc_tf.data.synthetic ...`, the earlier spelling, runs the same CLI)
 
 Each class is a LOCALIZED structure on a noisy background, so a small CNN can learn it and Grad-CAM can be
 checked against it: `synthetic_boxes.csv` (image, class, x0, y0, x1, y1) gives each structure's box.
@@ -134,3 +135,9 @@ def write_chestxray14(out: str, num_images: int = 300, image_size: int = 128, se
 
 LAYOUTS = {"isic2018": write_isic, "chestxray14": write_chestxray14}
 
+
+
+if __name__ == "__main__":  # the earlier command, kept: `python -m stsc_tf.data.synthetic` runs the CLI module
+    import runpy
+
+    runpy.run_module("stsc_tf.synthetic", run_name="__main__", alter_sys=True)
