@@ -248,11 +248,15 @@ def define_export_flags() -> None:
             "width from the header, before decoding) with InvalidArgumentError")
 
 
+def _check_model() -> None:
+    if FLAGS.model not in ("", "student", "teacher"):
+        raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+
+
 def export_args() -> dict:
     if not FLAGS.model_dir:
         raise ConfigError("--model_dir is required")
-    if FLAGS.model not in ("", "student", "teacher"):
-        raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+    _check_model()
     return dict(model_dir=FLAGS.model_dir, export_dir=FLAGS.export_dir, name=FLAGS.name, version=FLAGS.version,
                 which=FLAGS.model, checkpoint=FLAGS.checkpoint, max_pixels=FLAGS.max_image_pixels)
 
@@ -281,8 +285,7 @@ def explain_args(command: str) -> dict:
     if command == "substructures":
         return dict(model_dir=FLAGS.model_dir, out=FLAGS.out, checkpoint=FLAGS.checkpoint,
                     tau=None if FLAGS.tsc_tau < 0 else FLAGS.tsc_tau, tau_mode=FLAGS.tsc_tau_mode)
-    if FLAGS.model not in ("", "student", "teacher"):
-        raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+    _check_model()
     if FLAGS.num_images < 1:
         raise ConfigError(f"--num_images must be >= 1, got {FLAGS.num_images}")
     return dict(model_dir=FLAGS.model_dir, images=FLAGS.images, out=FLAGS.out or f"{FLAGS.model_dir}/gradcam",
@@ -296,7 +299,7 @@ def define_predict_flags() -> None:
     _define("image_list", "", "a text file with one image path per line (instead of --images)")
     _define("data_dir", "", "records folder to predict a split of (with --split; instead of --images)")
     _define("split", "test", "with --data_dir: the split", ("train", "val", "test"))
-    _define("out", "predictions.csv", "the output CSV (written atomically); skipped files go to <out>.skipped.csv")
+    _define("out", "predictions.csv", "the output CSV (written atomically); skipped files go to <out stem>.skipped.csv beside it")
     _define("model", "", "student or teacher (default: the run's --eval_with)")
     _define("batch_size", 32, "images per forward pass")
     _define("thresholds", "paper", "decisions at the paper's 0.18, or at the thresholds and calibration fitted by "
@@ -311,8 +314,7 @@ def predict_args() -> dict:
     sources = [bool(FLAGS.images), bool(FLAGS.image_list), bool(FLAGS.data_dir)]
     if sum(sources) != 1:
         raise ConfigError("give exactly one of --images, --image_list or --data_dir (with --split)")
-    if FLAGS.model not in ("", "student", "teacher"):
-        raise ConfigError(f"--model must be student or teacher, got {FLAGS.model!r}")
+    _check_model()
     if FLAGS.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     if not FLAGS.out:

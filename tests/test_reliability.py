@@ -71,6 +71,21 @@ def files_of(folder, names):
 
 
 # ------------------------------------------------------------------------------------------------ 1. one run per folder
+def kill_at_mark(script: str, args: list, mark, why: str = "") -> None:
+    """Runs `script` in a real subprocess and SIGKILLs it as soon as it writes `mark` (the point under test)."""
+    victim = subprocess.Popen([sys.executable, "-c", script, *args], env={**ENV, "STSC_TEST_MARK": str(mark)},
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(1200):
+            if mark.exists() or victim.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert mark.exists(), victim.stdout.read()[-3000:] if victim.poll() is not None else why
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+
 def test_rerun_with_other_settings_is_refused_before_any_file_changes(synth_isic_records, tmp_path):
     run = tmp_path / "run"
     run_training(config(synth_isic_records, run, epochs=1, data__labeled_ratio=0.01), bootstrap=0)
@@ -155,18 +170,7 @@ def test_kill_during_a_backup_resumes_from_the_previous_one_and_equals_an_uninte
     run = tmp_path / "run"
     args = [f"--data_dir={synth_isic_records}", f"--model_dir={run}", *TINY, "--epochs=3"]
     mark = tmp_path / "mark"
-    victim = subprocess.Popen([sys.executable, "-c", KILL_DURING_BACKUP, *args],
-                              env={**ENV, "STSC_TEST_MARK": str(mark)}, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(1200):
-            if mark.exists() or victim.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert mark.exists(), victim.stdout.read()[-3000:] if victim.poll() is not None else "no backup of epoch 2"
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+    kill_at_mark(KILL_DURING_BACKUP, args, mark, "no backup of epoch 2")
     backups = json.loads((run / "backup" / "state.json").read_text())["backups"]
     assert [b["epoch"] for b in backups] == [1]  # the half-written epoch 2 was never declared
     again = cli("stsc_tf.train", *args)
@@ -228,19 +232,8 @@ def small_run(tmp_path_factory):
 def test_killed_export_leaves_no_version_folder_and_the_next_export_cleans_up(small_run, tmp_path):
     export_dir = tmp_path / "export"
     mark = tmp_path / "mark"
-    victim = subprocess.Popen([sys.executable, "-c", KILL_DURING_EXPORT, f"--model_dir={small_run['run']}",
-                               f"--export_dir={export_dir}", "--name=stsc", "--version=1"],
-                              env={**ENV, "STSC_TEST_MARK": str(mark)}, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(1200):
-            if mark.exists() or victim.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert mark.exists(), victim.stdout.read()[-3000:]
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+    kill_at_mark(KILL_DURING_EXPORT, [f"--model_dir={small_run['run']}", f"--export_dir={export_dir}",
+                                      "--name=stsc", "--version=1"], mark)
     entries = os.listdir(export_dir / "stsc")
     assert "1" not in entries and any(e.startswith(".1.incomplete-") for e in entries)  # TF Serving sees nothing
     path = exporting.export_run(str(small_run["run"]), str(export_dir), "stsc", 1)
@@ -487,18 +480,7 @@ def test_overwrite_keeps_the_old_conversion_until_the_new_one_is_complete(synth_
     mark = tmp_path / "mark"
     args = ["--dataset=isic2018", f"--source_dir={synth_isic_raw}", f"--output_dir={out}", "--image_size=0",
             "--workers=1", "--num_shards=3", "--overwrite"]
-    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_CONVERSION, *args],
-                            env={**ENV, "STSC_TEST_MARK": str(mark)}, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(1200):
-            if mark.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert mark.exists(), proc.stdout.read()[-3000:]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at_mark(KILL_DURING_CONVERSION, args, mark)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert any(p.name.startswith(".out.converting-") for p in tmp_path.iterdir())
     # a kill between the two renames of the swap: the old one moved aside, the new one not in place
