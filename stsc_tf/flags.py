@@ -299,7 +299,8 @@ def define_predict_flags() -> None:
     _define("image_list", "", "a text file with one image path per line (instead of --images)")
     _define("data_dir", "", "records folder to predict a split of (with --split; instead of --images)")
     _define("split", "test", "with --data_dir: the split", ("train", "val", "test"))
-    _define("out", "predictions.csv", "the output CSV (written atomically); skipped files go to <out stem>.skipped.csv beside it")
+    _define("out", "predictions.csv",
+            "the output CSV (written atomically); skipped files go to <out stem>.skipped.csv beside it")
     _define("model", "", "student or teacher (default: the run's --eval_with)")
     _define("batch_size", 32, "images per forward pass")
     _define("thresholds", "paper", "decisions at the paper's 0.18, or at the thresholds and calibration fitted by "
