@@ -45,9 +45,9 @@ def custom_classifier(size=S) -> keras.Model:
 
 
 def fit_a_little(model, images, labels, labeled, epochs=1):
-    return model.fit(stsc_dataset(images, labels, labeled, num_classes=K, batch_size=8, labeled_per_batch=2, image_size=S,
-                                  seed=0),
-                     epochs=epochs, verbose=0)
+    batches = stsc_dataset(images, labels, labeled, num_classes=K, batch_size=8, labeled_per_batch=2, image_size=S,
+                           seed=0)
+    return model.fit(batches, epochs=epochs, verbose=0)
 
 
 # ------------------------------------------------------------------------------------------------ your own network

@@ -68,7 +68,8 @@ except tf.errors.InvalidArgumentError:
     bad = "InvalidArgumentError"
 empty = m.signatures["serving_default"](image_bytes=tf.constant([], tf.string))
 empty_pixels = m.signatures["predict_pixels"](pixels=tf.zeros([0, 40, 40, 3]))
-print(json.dumps({"empty": [list(empty["probabilities"].shape), list(empty_pixels["probabilities"].shape)],"probabilities": out["probabilities"].numpy().tolist(),
+print(json.dumps({"empty": [list(empty["probabilities"].shape), list(empty_pixels["probabilities"].shape)],
+                  "probabilities": out["probabilities"].numpy().tolist(),
                   "class_name": [c.decode() for c in out["class_name"].numpy()],
                   "class_index": out["class_index"].numpy().tolist(), "bad": bad,
                   "custom_code": sorted(k for k in sys.modules if k.startswith(("stsc_tf", "keras")))}))
