@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from stsc_tf.errors import ConfigError
@@ -251,3 +252,13 @@ class ConvertConfig:
     task: str = "single_label"
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_external_paths: bool = False
+
+
+def check_tsc_tau(tau: float, mode: str) -> None:
+    """Refuses a TSC threshold parameter its rule cannot use (NaN, a quantile outside [0, 1], a negative level)."""
+    if not math.isfinite(tau):
+        raise ConfigError(f"--tsc_tau must be a finite number, got {tau}")
+    if mode == "quantile" and not 0.0 <= tau <= 1.0:
+        raise ConfigError(f"--tsc_tau={tau}: with --tsc_tau_mode=quantile it is a quantile in [0, 1]")
+    if mode in ("relative", "absolute") and tau < 0:
+        raise ConfigError(f"--tsc_tau={tau}: with --tsc_tau_mode={mode} it is a level >= 0")

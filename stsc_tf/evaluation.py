@@ -240,32 +240,56 @@ def _path_batches(paths, image_size: int, max_pixels: int, batch_size: int):
 
 
 def _list_file(path: str):
-    """The paths of an --image_list file, one per line, read lazily (blank lines and # comments left out)."""
+    """The paths of an --image_list file, one per line, read lazily (blank lines and # comments left out).
+
+    The file is checked whole first (a UTF-8 text file, a byte-order mark allowed), so a bad byte never stops a run
+    half-way."""
+    if os.path.isdir(path):
+        raise ConfigError(f"--image_list={path!r} is a folder; give a text file with one image path per line")
     if not os.path.isfile(path):
         raise ConfigError(f"--image_list={path!r}: no such file")
-    listed = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                listed += 1
-                yield line
-    if not listed:
-        raise ConfigError(f"--image_list={path!r} lists no image path")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for _ in f:
+                pass
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--image_list={path!r} is not a UTF-8 text file (byte {e.start}: {e.reason}); give one "
+                          "image path per line") from None
+
+    def lines():
+        listed = 0
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    listed += 1
+                    yield line
+        if not listed:
+            raise ConfigError(f"--image_list={path!r} lists no image path")
+
+    return lines()
 
 
 def _check_output(out: str) -> None:
-    """--out must be a new CSV, or a CSV of predictions (never a user's image or folder)."""
-    if not out.endswith(".csv"):
+    """--out must be a .csv path, not a folder (checked before the run is loaded)."""
+    if not out.lower().endswith(".csv"):
         raise ConfigError(f"--out={out!r}: give a .csv path")
     if os.path.isdir(out):
         raise ConfigError(f"--out={out!r} is a folder; give a .csv path")
-    if os.path.exists(out):
-        with open(out, encoding="utf-8", errors="replace") as f:
-            first = f.readline()
-        if not first.startswith(("path,p_", "id,p_")):
-            raise ConfigError(f"--out={out!r} exists and is not a predictions CSV; it is not replaced")
     check_writable(os.path.dirname(os.path.abspath(out)), "--out")
+
+
+def _check_replaceable(path: str, header: list[str], flag: str) -> None:
+    """A file predict would replace must be one it wrote: a CSV with exactly `header` (never a user's file)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}: {path!r} is a folder; predict writes a CSV there")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        first = f.readline().rstrip("\r\n")
+    if first != ",".join(header):
+        raise ConfigError(f"{flag}: {path!r} exists and is not a list predict wrote for this run (its first line is "
+                          f"{first[:80]!r}); it is not replaced: choose another --out")
 
 
 def decisions(probs: np.ndarray, thresholds, class_names: list[str], multi_label: bool) -> dict[str, list[str]]:
@@ -304,6 +328,8 @@ def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir
               + (["positive"] if multi_label else ["prediction", "flagged"]) + ["entropy", "disagreement",
                                                                                   "uncertainty"])
     skipped_path = os.path.splitext(out)[0] + ".skipped.csv"
+    _check_replaceable(out, header, "--out")
+    _check_replaceable(skipped_path, ["path", "why"], "--out's skipped list")
     count, skipped, t0 = 0, 0, time.time()
     progress = keras.utils.Progbar(None, unit_name="image")
 

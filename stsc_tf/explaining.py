@@ -23,14 +23,14 @@ import pandas as pd
 import tensorflow as tf
 
 from stsc_tf import figures, losses
-from stsc_tf.config import MAX_IMAGE_PIXELS
+from stsc_tf.config import MAX_IMAGE_PIXELS, check_tsc_tau
 from stsc_tf.data import augment
 from stsc_tf.data.image_files import expand_images, read_images, unique_stems
 from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError
 from stsc_tf.files import atomic_path, atomic_write_csv, read_csv
 from stsc_tf.models.backbones import feature_map_layer
-from stsc_tf.run_folder import RELATIONS, check_writable, load_run
+from stsc_tf.run_folder import RELATIONS, check_writable, load_run, run_records
 
 log = logging.getLogger("stsc_tf.explain")
 EPS = 1e-8
@@ -72,7 +72,7 @@ def _network(model, cfg, which: str) -> keras.Model:
 
 def gradcam_run(model_dir: str, images: str, out: str, which: str = "", class_name: str = "", layer: str = "",
                 plus_plus: bool = False, checkpoint: str = "best", num_images: int = 8,
-                max_pixels: int = MAX_IMAGE_PIXELS) -> list[str]:
+                max_pixels: int = MAX_IMAGE_PIXELS, data_dir: str = "") -> list[str]:
     """Grad-CAM overlays (one PNG per image, plus grid.png) for a run's student or teacher."""
     if num_images < 1:
         raise ConfigError(f"--num_images must be >= 1, got {num_images}")
@@ -87,7 +87,8 @@ def gradcam_run(model_dir: str, images: str, out: str, which: str = "", class_na
         pixels, inputs = read_images(paths, cfg.data.image_size, max_pixels)
         stems = unique_stems(paths)
     else:  # the first test images of the run's records
-        batch = next(iter(eval_dataset(RecordSet.open(run["data_dir"]), "test", cfg.data.image_size, num_images)))
+        records = run_records(model_dir, run, data_dir)
+        batch = next(iter(eval_dataset(records, "test", cfg.data.image_size, num_images)))
         inputs = batch["image"].numpy()
         pixels = augment.denormalize(inputs).numpy()
         stems = [i.decode() for i in batch["id"].numpy()]
@@ -164,13 +165,13 @@ def _recorded(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "epoch_*.npz")))
 
 
-def _val_batch(run: dict, cfg, size: int = 32) -> tuple[RecordSet, dict]:
-    records = RecordSet.open(run["data_dir"])
+def _val_batch(model_dir: str, run: dict, cfg, data_dir: str, size: int = 32) -> tuple[RecordSet, dict]:
+    records = run_records(model_dir, run, data_dir)
     split = "val" if records.count("val") else "test"
     return records, next(iter(eval_dataset(records, split, cfg.data.image_size, min(size, records.count(split)))))
 
 
-def relations_run(model_dir: str, out: str = "", checkpoint: str = "best") -> list[str]:
+def relations_run(model_dir: str, out: str = "", checkpoint: str = "best", data_dir: str = "") -> list[str]:
     """Draws a run's relation heatmaps (first and last recorded epochs) and the distance curve into `out`."""
     folder = os.path.join(model_dir, RELATIONS)
     out = out or folder
@@ -178,7 +179,7 @@ def relations_run(model_dir: str, out: str = "", checkpoint: str = "best") -> li
     saved = _recorded(folder)
     if not saved:  # a run without the callback: compute them now from the checkpoint, on the val batch
         cfg, run, model = load_run(model_dir, checkpoint)
-        _, batch = _val_batch(run, cfg)
+        _, batch = _val_batch(model_dir, run, cfg, data_dir)
         record_relations(model, batch["image"], 0, folder)
         saved = _recorded(folder)
     written = []
@@ -221,7 +222,7 @@ def stable_components(r_now: np.ndarray, r_prev: np.ndarray, tau: float, tau_mod
 
 
 def substructures_run(model_dir: str, out: str = "", checkpoint: str = "best", tau: float | None = None,
-                      tau_mode: str = "") -> str:
+                      tau_mode: str = "", data_dir: str = "") -> str:
     """Draws the stable sub-structures of the run's fixed validation batch; returns the PNG's path.
 
     "Stable" compares the student relation matrices of the last two recorded epochs (relations/epoch_*.npz); with
@@ -232,6 +233,7 @@ def substructures_run(model_dir: str, out: str = "", checkpoint: str = "best", t
     cfg, run, model = load_run(model_dir, checkpoint)
     tau = cfg.loss.tsc_tau if tau is None else tau
     tau_mode = tau_mode or cfg.loss.tsc_tau_mode
+    check_tsc_tau(tau, tau_mode)
     saved = _recorded(folder)
     batch_file = os.path.join(folder, BATCH_FILE)
     if os.path.isfile(batch_file) and saved:
@@ -241,10 +243,11 @@ def substructures_run(model_dir: str, out: str = "", checkpoint: str = "best", t
         if len(saved) > 1:
             r_now, epochs = np.load(saved[-1])["student"], f"epochs {saved[-2][-7:-4]} and {saved[-1][-7:-4]}"
         else:
-            r_now = _current_student_relations(model, run, cfg, len(labels))
+            _, batch = _val_batch(model_dir, run, cfg, data_dir, len(labels))
+            r_now = relation_matrices(model, batch["image"])[0]
             epochs = f"epoch {saved[-1][-7:-4]} and the {checkpoint} checkpoint"
     else:
-        records, batch = _val_batch(run, cfg)
+        records, batch = _val_batch(model_dir, run, cfg, data_dir)
         labels = _label_names(batch["label"].numpy(), records.class_names)
         thumbs = augment.resize(augment.denormalize(batch["image"]), 64).numpy()
         _, _, last = load_run(model_dir, "last" if checkpoint == "best" else "best")
@@ -270,6 +273,3 @@ def _label_names(labels: np.ndarray, class_names: list[str]) -> list[str]:
     return ["|".join(class_names[k] for k in np.flatnonzero(row > 0.5)) or "none" for row in labels]
 
 
-def _current_student_relations(model, run: dict, cfg, size: int) -> np.ndarray:
-    _, batch = _val_batch(run, cfg, size)
-    return relation_matrices(model, batch["image"])[0]

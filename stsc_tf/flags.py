@@ -275,22 +275,25 @@ def define_explain_flags() -> None:
     _define("tsc_tau", -1.0, "substructures: the edge threshold (default: the run's --tsc_tau)")
     _define("tsc_tau_mode", "", "substructures: the threshold rule (default: the run's --tsc_tau_mode)",
             ("",) + config_lib.TAU_MODES)
+    _define("data_dir", "", "where the run's records are now, if they moved (default: the folder in run.json)")
 
 
 def explain_args(command: str) -> dict:
     if not FLAGS.model_dir:
         raise ConfigError("--model_dir is required")
     if command == "relations":
-        return dict(model_dir=FLAGS.model_dir, out=FLAGS.out, checkpoint=FLAGS.checkpoint)
+        return dict(model_dir=FLAGS.model_dir, out=FLAGS.out, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir)
     if command == "substructures":
         return dict(model_dir=FLAGS.model_dir, out=FLAGS.out, checkpoint=FLAGS.checkpoint,
-                    tau=None if FLAGS.tsc_tau < 0 else FLAGS.tsc_tau, tau_mode=FLAGS.tsc_tau_mode)
+                    tau=None if FLAGS.tsc_tau < 0 else FLAGS.tsc_tau, tau_mode=FLAGS.tsc_tau_mode,
+                    data_dir=FLAGS.data_dir)
     _check_model()
     if FLAGS.num_images < 1:
         raise ConfigError(f"--num_images must be >= 1, got {FLAGS.num_images}")
     return dict(model_dir=FLAGS.model_dir, images=FLAGS.images, out=FLAGS.out or f"{FLAGS.model_dir}/gradcam",
                 which=FLAGS.model, class_name=FLAGS.class_name, layer=FLAGS.layer, plus_plus=FLAGS.plus_plus,
-                checkpoint=FLAGS.checkpoint, num_images=FLAGS.num_images, max_pixels=FLAGS.max_image_pixels)
+                checkpoint=FLAGS.checkpoint, num_images=FLAGS.num_images, max_pixels=FLAGS.max_image_pixels,
+                data_dir=FLAGS.data_dir)
 
 
 def define_predict_flags() -> None:
@@ -334,6 +337,7 @@ def define_suggest_flags() -> None:
             "images); 0 = rank by uncertainty alone")
     _define("batch_size", 64, "images per forward pass")
     _define("checkpoint", "best", "which checkpoint", ("best", "last"))
+    _define("data_dir", "", "where the run's records are now, if they moved (default: the folder in run.json)")
 
 
 def suggest_args() -> dict:
@@ -341,7 +345,5 @@ def suggest_args() -> dict:
         raise ConfigError("--model_dir is required")
     if FLAGS.budget < 1:
         raise ConfigError(f"--budget must be >= 1, got {FLAGS.budget}")
-    if FLAGS.diversity < 0:
-        raise ConfigError(f"--diversity must be >= 0, got {FLAGS.diversity}")
     return dict(model_dir=FLAGS.model_dir, budget=FLAGS.budget, out=FLAGS.out, diversity=FLAGS.diversity,
-                batch_size=FLAGS.batch_size, checkpoint=FLAGS.checkpoint)
+                batch_size=FLAGS.batch_size, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir)

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from stsc_tf.config import HARMLESS, Config
+from stsc_tf.data.pipeline import RecordSet
 from stsc_tf.errors import ConfigError, DataError
 from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_csv, sha256
 from stsc_tf.models.optimizers import FusedAdam
@@ -176,6 +177,7 @@ def config_differences(stored: Config, new: Config) -> dict[str, tuple]:
 def check_same_run(stored: Config, new: Config, allow: tuple[str, ...] = ()) -> None:
     """Refuses a resume whose settings differ from the stored run's, listing the flags; `allow` names harmless ones."""
     allowable = [h.split(".", 1)[1] for h in HARMLESS]
+    allow = tuple(a.strip() for a in allow if a.strip())  # 'epochs,' is 'epochs'
     unknown = [a for a in allow if a not in allowable]
     if unknown:
         raise ConfigError(f"--allow_changes={','.join(allow)}: {', '.join('--' + u for u in unknown)} may not "
@@ -224,24 +226,69 @@ def check_same_records(model_dir: str, data_dir: str, fingerprint: str) -> None:
                           f"({stored.get('data_dir')}); use the same conversion, or a new --model_dir")
 
 
-def check_same_data(model_dir: str, run_info: dict, labeled: pd.DataFrame) -> None:
-    """On a resume: the classes, the train split, the labeled subset and its labels must be the run's."""
+def read_labeled(model_dir: str) -> pd.DataFrame | None:
+    """The run's labeled_ids.csv (columns id, labels; ids as text), None when absent; a damaged file is named."""
+    path = os.path.join(model_dir, LABELED)
+    if not os.path.isfile(path):
+        return None
+    try:
+        table = read_csv(path, dtype=str)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise ConfigError(f"{path} is damaged ({str(e).splitlines()[0][:120]}); it records the run's labeled "
+                          "images: restore it, or use a new --model_dir") from None
+    if "id" not in table:
+        raise ConfigError(f"{path} is damaged (no 'id' column; columns {list(table.columns)[:5]}): restore it, or use "
+                          "a new --model_dir")
+    return table
+
+
+def check_same_data(model_dir: str, run_info: dict, labeled: pd.DataFrame, by_ratio: bool) -> None:
+    """On a resume: the classes, the train split, the labeled subset and its labels must be the run's.
+
+    A missing labeled_ids.csv is written again when the subset comes from --labeled_ratio (a function of the seed
+    and of the records, both verified); from --labeled_ids files it cannot be checked, and the resume is refused.
+    A run whose records moved (same content) gets the new folder in run.json, for evaluate, suggest and explain.
+    """
     stored = read_run_info(model_dir)
     for key in ("class_names", "task", "num_train"):
         if stored.get(key) != run_info[key]:
             raise ConfigError(f"--data_dir: {key} is {run_info[key]!r}, the run in {model_dir} has {stored.get(key)!r}")
     path = os.path.join(model_dir, LABELED)
-    if not os.path.isfile(path):
-        return
-    before = read_csv(path, dtype=str)
-    if list(before["id"]) != list(labeled["id"]):
+    before = read_labeled(model_dir)
+    if before is None:
+        if not by_ratio:
+            raise ConfigError(f"{path} is missing, so the labels of this --labeled_ids run cannot be checked: restore "
+                              "it, or use a new --model_dir")
+        log.warning("%s was missing; written again from --labeled_ratio and --seed", path)
+        atomic_write_csv(path, labeled)
+    elif list(before["id"]) != list(labeled["id"]):
         raise ConfigError(f"the labeled subset differs from {path} (other records or --labeled_ids); use a new "
                           "--model_dir")
-    if "labels" in before and list(before["labels"]) != list(labeled["labels"]):
+    elif "labels" in before and list(before["labels"]) != list(labeled["labels"]):
         changed = [i for i, a, b in zip(before["id"], before["labels"], labeled["labels"]) if a != b]
         raise ConfigError(f"the labels of {len(changed)} labeled image(s) differ from {path} (first: {changed[0]!r}; "
                           "a --labeled_ids file changed); the run was trained with those in the file: use a new "
                           "--model_dir")
+    if stored.get("data_dir") != run_info["data_dir"]:
+        atomic_write_json(os.path.join(model_dir, RUN), {**stored, "data_dir": run_info["data_dir"]})
+        log.info("the records moved: %s now names %s", RUN, run_info["data_dir"])
+
+
+def run_records(model_dir: str, run: dict, data_dir: str = "") -> RecordSet:
+    """The run's records: at `data_dir` when given (they must be the run's by content), else where run.json says."""
+    where = data_dir or run["data_dir"]
+    if not data_dir and not os.path.isfile(os.path.join(where, "manifest.json")):
+        raise ConfigError(f"the run's records are no longer in {where} (run.json); pass --data_dir=<where they are "
+                          "now>")
+    try:
+        records = RecordSet.open(where)
+    except DataError as e:
+        raise ConfigError(f"--data_dir: {e}") from None
+    if data_dir and run.get("records_fingerprint") and records_fingerprint(records.manifest) != \
+            run["records_fingerprint"]:
+        raise ConfigError(f"--data_dir={data_dir!r} holds other records than the run in {model_dir} was trained on; "
+                          "give the run's conversion (wherever it is now)")
+    return records
 
 
 def update_config(model_dir: str, cfg: Config) -> None:

@@ -22,6 +22,7 @@ image was converted with its label). A thumbnail sheet of the first suggestions 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
@@ -34,7 +35,7 @@ from stsc_tf.errors import ConfigError
 from stsc_tf.evaluation import check_records, refuse_nonfinite
 from stsc_tf.files import atomic_write_csv, read_csv
 from stsc_tf.losses import probabilities
-from stsc_tf.run_folder import LABELED, check_writable, load_run
+from stsc_tf.run_folder import LABELED, check_writable, load_run, read_labeled, run_records
 
 log = logging.getLogger("stsc_tf.suggest")
 SHEET = 20  # thumbnails on the sheet
@@ -64,16 +65,24 @@ def score_train_split(model, records: RecordSet, image_size: int, batch_size: in
 
 
 def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: float = 1.0, batch_size: int = 64,
-                checkpoint: str = "best") -> str:
+                checkpoint: str = "best", data_dir: str = "") -> str:
     """Ranks the run's unlabeled training images for labeling; writes the CSV and a thumbnail sheet; returns the
     CSV's path."""
+    if not (math.isfinite(diversity) and diversity >= 0):
+        raise ConfigError(f"--diversity must be a finite number >= 0, got {diversity}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
     out = out or os.path.join(model_dir, "to_label.csv")
-    _check_output(out)
+    sheet = os.path.splitext(out)[0] + ".png"
+    _check_output(out, sheet)
     cfg, run, model = load_run(model_dir, checkpoint)
-    records = RecordSet.open(run["data_dir"])
-    check_records(records, run, f"the run's data_dir ({run['data_dir']})")
+    records = run_records(model_dir, run, data_dir)
+    check_records(records, run, f"the run's data_dir ({records.data_dir})")
     records.check(["train"])
-    labeled_ids = set(read_csv(os.path.join(model_dir, LABELED), dtype={"id": str})["id"])
+    labeled = read_labeled(model_dir)
+    if labeled is None:
+        raise ConfigError(f"{model_dir}: no {LABELED}; suggest needs the run's list of labeled images")
+    labeled_ids = set(labeled["id"])
     multi_label = run["task"] == "multi_label"
     with records.reading():
         scored = score_train_split(model, records, cfg.data.image_size, batch_size, multi_label)
@@ -102,7 +111,6 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
         "labels": "",
     })
     atomic_write_csv(out, table)
-    sheet = os.path.splitext(out)[0] + ".png"
     _thumbnails(records, cfg.data.image_size, table.head(SHEET), sheet)
     log.info("suggested %d of %d unlabeled images -> %s (and %s)", len(picked), len(candidates), out, sheet)
     print(f"suggested {len(picked)} of {len(candidates)} unlabeled training images\n  list:       "
@@ -112,10 +120,13 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
     return out
 
 
-def _check_output(out: str) -> None:
-    """Never replaces a list an expert has started to label (or a file that is not a suggestion list)."""
-    if not out.endswith(".csv") or os.path.isdir(out):
+def _check_output(out: str, sheet: str) -> None:
+    """Never replaces a list an expert has started to label, nor a file that is not this command's own output: the
+    thumbnail sheet beside the list is replaced only with the suggestion list it belongs to."""
+    if not out.lower().endswith(".csv") or os.path.isdir(out):
         raise ConfigError(f"--out={out!r}: give a .csv path")
+    if os.path.isdir(sheet):
+        raise ConfigError(f"--out={out!r}: its thumbnail sheet {sheet!r} would replace a folder; choose another --out")
     if os.path.exists(out):
         try:
             existing = read_csv(out, dtype=str)
@@ -126,6 +137,9 @@ def _check_output(out: str) -> None:
         if (existing["labels"].str.strip() != "").any():
             raise ConfigError(f"--out={out!r} holds labels an expert gave ({int((existing['labels'] != '').sum())} "
                               "rows); it is not replaced: choose another --out")
+    elif os.path.exists(sheet):
+        raise ConfigError(f"--out={out!r}: {sheet!r} exists without the suggestion list it would belong to; it is not "
+                          "replaced: choose another --out")
     check_writable(os.path.dirname(os.path.abspath(out)), "--out")
 
 

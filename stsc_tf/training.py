@@ -24,13 +24,12 @@ import tensorflow as tf
 
 from stsc_tf import callbacks as callbacks_lib
 from stsc_tf import evaluation, run_folder
-from stsc_tf.config import Config
+from stsc_tf.config import RELATION_FEATURES, TAU_MODES, TSC_EDGES, Config, check_tsc_tau
 from stsc_tf.data.batches import check_batch
 from stsc_tf.data.pipeline import RecordSet, distribute_per_worker, eval_dataset, train_dataset
 from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import ConfigError, DataError, STSCError
 from stsc_tf.files import read_csv, remove_stale_temps
-from stsc_tf.config import RELATION_FEATURES, TAU_MODES, TSC_EDGES
 from stsc_tf.models.backbones import resolve_backbone
 
 log = logging.getLogger("stsc_tf.train")
@@ -56,6 +55,7 @@ def validate(cfg: Config, num_replicas: int = 1) -> RecordSet:
                                  ("tsc_tau_mode", l.tsc_tau_mode, TAU_MODES), ("tsc_edges", l.tsc_edges, TSC_EDGES)):
         if value not in choices:  # (the CLI's enums refuse these already; a Config built in code may not)
             raise ConfigError(f"--{flag}={value!r}; choose one of {list(choices)}")
+    check_tsc_tau(l.tsc_tau, l.tsc_tau_mode)
     if d.image_size < 16:
         raise ConfigError(f"--image_size must be >= 16, got {d.image_size}")
     if t.epochs < 1:
@@ -252,7 +252,7 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
     else:
         run_info["class_weights"] = None
     if resuming:
-        run_folder.check_same_data(model_dir, run_info, labeled)
+        run_folder.check_same_data(model_dir, run_info, labeled, by_ratio=not cfg.data.labeled_ids)
     else:
         run_folder.write_run_files(model_dir, cfg, run_info, labeled)
     if cfg.train.mixed_precision != "none":

@@ -303,8 +303,21 @@ def test_outputs_never_replace_what_a_user_wrote_and_literal_names_are_found(isi
     notes.write_text("patient,comment\n1,keep\n")
     with pytest.raises(ConfigError, match="not a suggestion list"):
         suggesting.suggest_run(str(run), budget=3, out=str(notes))
-    with pytest.raises(ConfigError, match="not a predictions CSV"):
+    with pytest.raises(ConfigError, match="not a list predict wrote"):
         evaluation.predict_run(str(run), data_dir=isic["records"], out=str(notes))
+    stats = tmp_path / "stats.csv"  # a user's table that merely starts like predictions
+    stats.write_text("path,p_value,n\nstudy1,0.03,10\n")
+    with pytest.raises(ConfigError, match="not a list predict wrote"):
+        evaluation.predict_run(str(run), data_dir=isic["records"], out=str(stats))
+    (tmp_path / "preds.skipped.csv").write_text("mine\n")  # a user's file where the skipped list would go
+    with pytest.raises(ConfigError, match="skipped list.*not a list predict wrote"):
+        evaluation.predict_run(str(run), data_dir=isic["records"], out=str(tmp_path / "preds.csv"))
+    sheet = tmp_path / "mine.png"  # suggest's thumbnail sheet would replace a user's picture
+    sheet.write_bytes(b"picture")
+    with pytest.raises(ConfigError, match="mine.png.*without the suggestion list"):
+        suggesting.suggest_run(str(run), budget=3, out=str(tmp_path / "mine.csv"))
+    assert stats.read_text().startswith("path,p_value") and sheet.read_bytes() == b"picture"
+    assert (tmp_path / "preds.skipped.csv").read_text() == "mine\n" and not (tmp_path / "mine.csv").exists()
     with pytest.raises(ConfigError, match="give a .csv path"):
         evaluation.predict_run(str(run), data_dir=isic["records"], out=str(tmp_path / "photo.jpg"))
     assert listing.read_bytes() == before and notes.read_text() == "patient,comment\n1,keep\n"
@@ -313,3 +326,46 @@ def test_outputs_never_replace_what_a_user_wrote_and_literal_names_are_found(isi
     shutil.copy(sorted(glob.glob(os.path.join(isic["raw"], "**", "*.jpg"), recursive=True))[0], odd)
     result = evaluation.predict_run(str(run), images=str(odd), out=str(tmp_path / "odd.csv"))
     assert list(pd.read_csv(tmp_path / "odd.csv")["path"]) == [str(odd)], result
+    comma = tmp_path / "a,b.jpg"  # a comma in the name: the whole value names the file
+    shutil.copy(odd, comma)
+    evaluation.predict_run(str(run), images=str(comma), out=str(tmp_path / "comma.csv"))
+    assert list(pd.read_csv(tmp_path / "comma.csv")["path"]) == [str(comma)]
+    # an --image_list saved with a byte-order mark and CRLF; one that is not text is refused before any work
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + f"{odd}\r\n{comma}\r\n".encode())
+    evaluation.predict_run(str(run), image_list=str(listing), out=str(tmp_path / "listed.csv"))
+    assert list(pd.read_csv(tmp_path / "listed.csv")["path"]) == [str(odd), str(comma)]
+    listing.write_bytes(f"{odd}\n".encode() + b"caf\xe9.jpg\n")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        evaluation.predict_run(str(run), image_list=str(listing), out=str(tmp_path / "latin.csv"))
+    with pytest.raises(ConfigError, match="is a folder"):
+        evaluation.predict_run(str(run), image_list=str(tmp_path), out=str(tmp_path / "latin.csv"))
+    assert not (tmp_path / "latin.csv").exists()
+
+
+def test_suggest_and_explain_find_records_that_moved(isic, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(isic["run"], run)
+    moved = tmp_path / "records_now_here"
+    shutil.copytree(isic["records"], moved)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "data_dir": str(tmp_path / "gone")}))
+    with pytest.raises(ConfigError, match="no longer in .*gone.*--data_dir"):
+        suggesting.suggest_run(str(run), budget=3, out=str(tmp_path / "s.csv"))
+    suggesting.suggest_run(str(run), budget=3, out=str(tmp_path / "s.csv"), data_dir=str(moved))
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 3
+    with pytest.raises(ConfigError, match="other records than the run"):  # other content under --data_dir
+        suggesting.suggest_run(str(run), budget=3, out=str(tmp_path / "t.csv"), data_dir=isic_other(tmp_path))
+    for bad, message in ((float("nan"), "--diversity"), (-1.0, "--diversity")):
+        with pytest.raises(ConfigError, match=message):
+            suggesting.suggest_run(str(run), budget=3, out=str(tmp_path / "t.csv"), diversity=bad)
+    with pytest.raises(ConfigError, match="--batch_size"):
+        suggesting.suggest_run(str(run), budget=3, out=str(tmp_path / "t.csv"), batch_size=0)
+
+
+def isic_other(tmp_path) -> str:
+    """A conversion of other synthetic images with the same classes."""
+    raw = synthetic.write_isic(str(tmp_path / "other_raw"), num_images=60, image_size=32, seed=5)
+    out = str(tmp_path / "other_rec")
+    convert(ConvertConfig(dataset="isic2018", source_dir=raw, output_dir=out, image_size=0, num_shards=1, workers=1))
+    return out

@@ -163,6 +163,17 @@ def test_output_folder_with_foreign_files_is_refused_and_kept(synth_isic_raw, tm
     assert (tmp_path / "out" / "manifest.json").read_text() == '{"files": ["train.csv"]}'
 
 
+def test_overwrite_never_deletes_a_user_file_that_a_hand_edited_manifest_lists(synth_isic_raw, tmp_path):
+    manifest, out = run_convert(tmp_path, synth_isic_raw, num_shards=1)
+    notes = tmp_path / "out" / "notes.txt"
+    notes.write_text("mine")
+    manifest["splits"]["train"]["shards"].append({"file": "notes.txt", "count": 0, "sha256": "", "bytes": 4})
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="did not write.*notes.txt"):
+        run_convert(tmp_path, synth_isic_raw, overwrite=True, num_shards=1)
+    assert notes.read_text() == "mine"
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 @pytest.fixture
 def isic_copy(synth_isic_raw, tmp_path):

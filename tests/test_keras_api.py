@@ -275,6 +275,10 @@ def test_evaluate_and_predict_take_images_tuples_and_dicts():
     assert model.evaluate(x, labels[:, None], batch_size=16, verbose=0, return_dict=True) == pytest.approx(arrays)
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match=f"{K} classes"):
         model.evaluate(x, y[:, :2], batch_size=16, verbose=0)  # at tracing, or at run time after a relaxed retrace
+    for wrong in (np.full(len(x), K), np.full(len(x), -1)):  # tf.one_hot would make rows of zeros
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"0..{K - 1}"):
+            model.evaluate(x, wrong, batch_size=16, verbose=0)
+    assert model.evaluate((x, y), batch_size=16, verbose=0, return_dict=True) == pytest.approx(arrays)
 
 
 def test_with_relation_output_takes_sequential_models_and_refuses_hidden_probabilities():
@@ -288,6 +292,13 @@ def test_with_relation_output_takes_sequential_models_and_refuses_hidden_probabi
     hidden = keras.layers.Lambda(lambda t: keras.ops.softmax(t))(keras.layers.Dense(K)(x))  # a softmax it cannot see
     with pytest.raises(ValueError, match="probabilities, not logits"):
         with_relation_output(keras.Model(inputs, hidden), layer="maps")
+    # plain logits are never mistaken for probabilities: a zero-initialised head, a small constant one
+    for init in ("zeros", keras.initializers.Constant(0.1)):
+        head = keras.layers.Dense(K, kernel_initializer=init, bias_initializer=init)(x)
+        with_relation_output(keras.Model(inputs, head), layer="maps")
+    softmax_v2 = keras.layers.Dense(K, activation=tf.nn.softmax)(x)  # TensorFlow's softmax is stripped too
+    network = with_relation_output(keras.Model(inputs, softmax_v2), layer="maps")
+    assert network.layers[-1].get_config()["activation"] == "linear"
 
 
 def test_labels_that_do_not_fit_the_model_are_refused_by_name():
@@ -302,6 +313,9 @@ def test_labels_that_do_not_fit_the_model_are_refused_by_name():
     pairs = tf.data.Dataset.from_tensor_slices((images, labels))  # scalar class indices
     batch = next(iter(stsc_dataset(pairs, labeled=labeled, num_classes=K, batch_size=8, labeled_per_batch=2)))
     assert batch["label"].shape == (8, K)
+    beyond = tf.data.Dataset.from_tensor_slices((images, np.where(labels == 0, K + 4, labels)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"0..{K - 1}"):
+        list(stsc_dataset(beyond, labeled=labeled, num_classes=K, batch_size=8, labeled_per_batch=2))
     model = STSCModel.from_backbone("tiny", num_classes=K, image_size=S, num_train=N, loss_config=LOSS)
     model.compile(optimizer="sgd")
     narrow = stsc_dataset(images, np.eye(2)[labels % 2], labeled, batch_size=8, labeled_per_batch=2)

@@ -123,6 +123,20 @@ def test_rerun_with_other_settings_is_refused_before_any_file_changes(synth_isic
     moved = tmp_path / "moved"
     shutil.copytree(synth_isic_records, moved)
     run_training(config(moved, run, epochs=2, data__labeled_ratio=0.01), bootstrap=0)
+    assert json.loads((run / "run.json").read_text())["data_dir"] == str(moved)  # evaluate/suggest/explain find them
+    # a damaged list of labeled images is named; a missing one is written again from the ratio and the seed
+    kept = (run / "labeled_ids.csv").read_bytes()
+    for damage in (b"garbage\xff\n", b"foo,bar\n1,2\n", b""):
+        (run / "labeled_ids.csv").write_bytes(damage)
+        with pytest.raises(ConfigError, match="labeled_ids.csv is damaged"):
+            run_training(config(moved, run, epochs=2, data__labeled_ratio=0.01), bootstrap=0)
+    (run / "labeled_ids.csv").unlink()
+    run_training(config(moved, run, epochs=3, data__labeled_ratio=0.01), allow_changes=("epochs", ""), bootstrap=0)
+    assert (run / "labeled_ids.csv").read_bytes() == kept
+    with pytest.raises(ConfigError, match="--tsc_tau must be a finite number"):
+        run_training(config(moved, tmp_path / "nan", loss__tsc_tau=float("nan")), bootstrap=0)
+    with pytest.raises(ConfigError, match="quantile in \\[0, 1\\]"):
+        run_training(config(moved, tmp_path / "q", loss__tsc_tau=2.0, loss__tsc_tau_mode="quantile"), bootstrap=0)
 
 
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_stale_lock(synth_isic_records, tmp_path):

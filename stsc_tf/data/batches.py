@@ -178,7 +178,12 @@ def stsc_dataset(images, labels=None, labeled=None, *, batch_size: int, labeled_
                                           and label_spec.dtype.is_integer and num_classes != 1):
             if not label_spec.dtype.is_integer or num_classes is None:
                 raise ValueError("a dataset of (image, class index) pairs needs integer indices and num_classes=K")
-            to_label = lambda y: tf.one_hot(tf.reshape(y, []), num_classes)  # noqa: E731
+            def to_label(y):  # an index outside 0..K-1 would be a row of zeros: refused
+                y = tf.reshape(y, [])
+                with tf.control_dependencies([tf.debugging.assert_non_negative(
+                        y, message=f"class indices must lie in 0..{num_classes - 1}"), tf.debugging.assert_less(
+                        y, tf.cast(num_classes, y.dtype), message=f"class indices must lie in 0..{num_classes - 1}")]):
+                    return tf.one_hot(y, num_classes)
         elif label_spec.shape.rank != 1 or (num_classes is not None and label_spec.shape[0] not in (None,
                                                                                                    num_classes)):
             raise ValueError(f"the dataset's labels have shape {label_spec.shape}; expected [K] one-hot / multi-hot "

@@ -22,6 +22,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import time
 
@@ -41,6 +42,7 @@ log = logging.getLogger("stsc_tf.convert")
 TMP_SUFFIX = ".incomplete"
 WORK_MARK = ".stsc_convert_work"  # inside a work folder: this converter made it
 OLD_MARK = ".stsc_convert_replaced"  # inside an old conversion moved aside by --overwrite
+SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")  # features.shard_name's form
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +99,8 @@ def _conversion_files(out_dir: str) -> set[str]:
     try:
         with open(os.path.join(out_dir, features.MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
-        return own | {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
+        listed = {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
+        return own | {f for f in listed if SHARD_NAME.fullmatch(str(f))}  # a hand-edited entry names no user file
     except (OSError, ValueError, KeyError, TypeError):
         return own
 

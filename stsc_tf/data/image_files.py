@@ -20,8 +20,11 @@ from stsc_tf.errors import ConfigError, DataError
 def expand_images(spec: str, flag: str = "--images") -> list[str]:
     """Files named by a comma list of paths and globs (`**` recurses), in order; a folder or no match is an error.
 
-    A part naming an existing file is that file, even when its name holds glob characters ('scan[1].png').
+    A part naming an existing file is that file, even when its name holds glob characters ('scan[1].png'); so is
+    the whole value when it names one ('a,b.jpg').
     """
+    if os.path.isfile(spec):
+        return [spec]
     paths = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         found = [part] if os.path.isfile(part) else sorted(glob.glob(part, recursive=True))

@@ -36,6 +36,7 @@ import os
 from typing import Callable
 
 import keras
+import numpy as np
 
 from stsc_tf.config import RELATION_FEATURES
 from stsc_tf.errors import ConfigError
@@ -44,7 +45,7 @@ from stsc_tf.models.layers import fuse_batchnorm
 log = logging.getLogger("stsc_tf")
 Builder = Callable[..., keras.Model]
 _REGISTRY: dict[str, Builder] = {}
-SOFT_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
+SOFT_ACTIVATIONS = ("softmax", "softmax_v2", "sigmoid", "log_softmax")  # softmax_v2: tf.nn.softmax
 
 
 def register_backbone(name: str) -> Callable[[Builder], Builder]:
@@ -275,15 +276,22 @@ def with_relation_output(model: keras.Model, layer: str | None = None) -> keras.
 
 
 def _refuse_probabilities(network: keras.Model) -> None:
-    """Raises when the 'logits' look like probabilities (a softmax or sigmoid in a form not recognised above, e.g.
+    """Raises when the 'logits' are plainly probabilities (a softmax or sigmoid in a form not recognised above, e.g.
     inside a Lambda or a custom activation): STSC's losses would then train on probabilities.
 
-    The probe is images of huge contrast: logits grow with the input, probabilities stay inside [0, 1].
+    The probe is images of huge contrast. Softmax outputs: every row sums to 1. Sigmoid outputs: saturated, most
+    values within 1e-3 of 0 or 1 while logits would have grown far out of [0, 1]. A zero-initialised or small head
+    (constant or tiny logits) is neither, and is accepted.
     """
     shape = [8] + [d or 32 for d in network.inputs[0].shape[1:]]
     _, z = network(keras.random.normal(shape, stddev=1000.0, seed=0), training=False)
-    z = keras.ops.convert_to_numpy(z)
-    if (z >= 0).all() and (z <= 1).all():
-        raise ValueError(f"{network.name}'s output stays in [0, 1] even on images of huge contrast (rows summing to "
-                         f"{float(z.sum(-1).mean()):.3f}): it looks like probabilities, not logits. STSC's losses take "
+    z = keras.ops.convert_to_numpy(z).astype(np.float64)
+    if not ((z >= 0).all() and (z <= 1).all()):
+        return
+    softmax = z.shape[-1] > 1 and np.allclose(z.sum(-1), 1.0, atol=1e-3)
+    saturated = np.mean(np.minimum(z, 1.0 - z) < 1e-3) >= 0.5 and np.ptp(z) > 0.5
+    if softmax or saturated:
+        raise ValueError(f"{network.name}'s output stays in [0, 1] even on images of huge contrast "
+                         f"({'rows summing to 1' if softmax else 'saturated at 0 and 1'}): it looks like "
+                         "probabilities, not logits. STSC's losses take "
                          "logits: give a classifier whose last layer has no softmax or sigmoid")

@@ -483,9 +483,12 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         d_t = tf.stop_gradient(self._gather(self.relation_features(f_t)))  # [B, D]
         index = self._gather(tf.cast(data["index"], tf.int64))  # [B]
         # An index past the memory would be dropped silently by a GPU scatter: refused on every device.
-        tf.debugging.assert_less(index, tf.constant(self.num_train, tf.int64),
-                                 message=f"a batch 'index' is >= num_train ({self.num_train}), the TSC memory's rows")
-        tf.debugging.assert_non_negative(index, message="a batch 'index' is negative")
+        with tf.control_dependencies([
+                tf.debugging.assert_less(index, tf.constant(self.num_train, tf.int64),
+                                         message=f"a batch 'index' is >= num_train ({self.num_train}), the TSC "
+                                                 "memory's rows"),
+                tf.debugging.assert_non_negative(index, message="a batch 'index' is negative")]):
+            index = tf.identity(index)  # every use of the index waits for the checks
         d_prev = tf.cast(tf.gather(self.tsc_memory, index), tf.float32)  # [B, D]
         seen = tf.gather(self.tsc_seen, index) > 0.5  # [B]
         f_s, z_s = self.student(data["student_view"], training=True)
@@ -537,12 +540,25 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
     def _eval_inputs(data) -> tuple:
         """(images, labels) of an evaluation batch: (x, y), (x, y, w), or a dict with 'image' and 'label'."""
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None and isinstance(x, (tuple, list)) and len(x) == 2:  # evaluate((x, y)): the pair came as x
+            x, y = x
         if isinstance(x, dict):
             y = x.get("label", y)
             x = x.get("image", x.get("student_view"))
         if x is None or y is None:
             raise ValueError("STSCModel.evaluate needs (images, labels) pairs or dicts with 'image' and 'label'")
         return x, y
+
+    def _indices_one_hot(self, indices) -> tf.Tensor:
+        """[b, K] one-hot rows of class indices; an index outside 0..K-1 is refused (tf.one_hot would give a row of
+        zeros, and metrics computed on it)."""
+        indices = tf.reshape(indices, [-1])
+        k = self.num_classes
+        checks = [tf.debugging.assert_non_negative(indices, message=f"class indices must lie in 0..{k - 1}"),
+                  tf.debugging.assert_less(indices, tf.cast(k, indices.dtype),
+                                           message=f"class indices must lie in 0..{k - 1}")]
+        with tf.control_dependencies(checks):
+            return tf.one_hot(indices, k)
 
     def _one_hot(self, labels) -> tf.Tensor:
         """[b, K] float labels from one-hot / multi-hot [b, K] or class indices [b] / [b, 1]."""
@@ -553,7 +569,7 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         if not static:  # a relaxed retrace ([None, None] or unknown rank): decided at run time
             if labels.dtype.is_integer and not self.multi_label:
                 indices = tf.logical_or(tf.equal(tf.rank(labels), 1), tf.equal(tf.shape(labels)[-1], 1) & (k > 1))
-                labels = tf.cond(indices, lambda: tf.one_hot(tf.reshape(labels, [-1]), k),
+                labels = tf.cond(indices, lambda: self._indices_one_hot(labels),
                                  lambda: tf.cast(labels, tf.float32))
             shape = tf.shape(labels)
             with tf.control_dependencies([tf.debugging.assert_equal(tf.size(shape), 2, message=wrong),
@@ -562,7 +578,7 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
         if labels.dtype.is_integer and (labels.shape.rank == 1 or (labels.shape[-1] == 1 and k > 1)):
             if self.multi_label:
                 raise ValueError("class indices cannot describe multi-label targets: pass [B, K] multi-hot labels")
-            labels = tf.one_hot(tf.reshape(labels, [-1]), k)
+            labels = self._indices_one_hot(labels)
         if labels.shape.rank != 2 or labels.shape[-1] != k:
             raise ValueError(f"{wrong} (got shape {labels.shape})")
         return tf.cast(labels, tf.float32)
