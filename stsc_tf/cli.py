@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import sys
 
 from stsc_tf.errors import STSCError
@@ -37,4 +39,8 @@ def user_errors():
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        if e.errno == errno.ENOSPC:  # h5py can crash at exit over a half-written file: end here, cleanly
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         raise SystemExit(2) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import datetime
+import errno
 import itertools
 import logging
 import os
@@ -37,11 +38,12 @@ from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError, DataError
 from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, remove_stale_temps, sha256
 from stsc_tf.losses import probabilities
-from stsc_tf.run_folder import (CALIBRATION, check_writable, checkpoint_path, load_run, read_calibration,
-                                write_metrics)
+from stsc_tf.run_folder import (CALIBRATION, check_replaceable_output, check_writable, checkpoint_path, load_run,
+                                read_calibration, record_outputs, run_records, write_metrics)
 
 log = logging.getLogger("stsc_tf.evaluate")
 NETWORKS = ("student", "teacher")
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 
 
 def check_records(records: RecordSet, run: dict, flag: str = "--data_dir") -> None:
@@ -128,8 +130,12 @@ def test_metrics(model, records: RecordSet, split: str, cfg: Config, model_dir: 
 
 
 def fit_thresholds(model, records: RecordSet, cfg: Config, model_dir: str, which=NETWORKS, criterion: str = "youden",
-                   method: str = "temperature", checkpoint: str = "best") -> dict:
-    """Fits thresholds and calibration on the VALIDATION split; writes calibration.json and reliability PNGs."""
+                   method: str = "temperature", checkpoint: str = "best", loaded_sha256: str = "") -> dict:
+    """Fits thresholds and calibration on the VALIDATION split; writes calibration.json and reliability PNGs.
+
+    `loaded_sha256` is the hash of the checkpoint file the model was loaded from, taken before loading: the
+    calibration is bound to it, and refused when the file changed since (a training still writing this run).
+    """
     if records.count("val") == 0:
         raise ConfigError(f"--fit_thresholds needs a validation split; {records.data_dir} has none")
     if method == "platt" and not model.multi_label:
@@ -158,10 +164,19 @@ def fit_thresholds(model, records: RecordSet, cfg: Config, model_dir: str, which
                  f" (no optimum for {undefined}: {cfg.train.threshold} kept)" if undefined else "")
     fitted = {"split": "val", "n": records.count("val"), "criterion": criterion, "method": method,
               "checkpoint": checkpoint, "class_names": records.class_names,
-              "weights_sha256": sha256(checkpoint_path(model_dir, checkpoint)),
+              "weights_sha256": _unchanged(model_dir, checkpoint, loaded_sha256),
               "fitted": datetime.datetime.now().isoformat(timespec="seconds"), "networks": networks}
     atomic_write_json(os.path.join(model_dir, CALIBRATION), fitted)
     return fitted
+
+
+def _unchanged(model_dir: str, checkpoint: str, loaded_sha256: str) -> str:
+    """The checkpoint's hash, refusing a file replaced since the model was loaded from it."""
+    now = sha256(checkpoint_path(model_dir, checkpoint))
+    if loaded_sha256 and now != loaded_sha256:
+        raise ConfigError(f"{checkpoint_path(model_dir, checkpoint)} changed while it was being evaluated (is a "
+                          "training still writing this run?); nothing was written: run again when it has finished")
+    return now
 
 
 def evaluate_run(model_dir: str, split: str = "test", which=NETWORKS, checkpoint: str = "best", bootstrap: int = 200,
@@ -169,22 +184,21 @@ def evaluate_run(model_dir: str, split: str = "test", which=NETWORKS, checkpoint
                  method: str = "temperature") -> dict:
     """`python -m stsc_tf.evaluate`: optionally fits thresholds + calibration on val, then evaluates `split`."""
     check_writable(model_dir, create=False)  # its tables, curves and calibration go there: say so before the work
+    weights = checkpoint_path(model_dir, checkpoint)
+    loaded_sha256 = sha256(weights) if fit and os.path.isfile(weights) else ""  # before loading: see fit_thresholds
     cfg, run, model = load_run(model_dir, checkpoint)
-    try:
-        records = RecordSet.open(data_dir or run["data_dir"])
-    except DataError as e:
-        raise ConfigError(f"--data_dir: {e}") from None
+    records = run_records(model_dir, run, data_dir)  # the run's own records, by content: its splits, no leak
     check_records(records, run, "--data_dir" if data_dir else f"the run's data_dir ({run['data_dir']})")
     records.check([split] + (["val"] if fit else []))
     with records.reading():
-        return _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds, fit,
-                         criterion, method)
+        return _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds,
+                         fit and loaded_sha256, criterion, method)
 
 
-def _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds, fit, criterion,
-              method) -> dict:
-    if fit:
-        fit_thresholds(model, records, cfg, model_dir, which, criterion, method, checkpoint)
+def _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds, loaded_sha256,
+              criterion, method) -> dict:
+    if loaded_sha256:
+        fit_thresholds(model, records, cfg, model_dir, which, criterion, method, checkpoint, loaded_sha256)
         print(f"wrote {os.path.join(model_dir, CALIBRATION)} and reliability_val_*.png (fitted on the validation "
               "split)")
     if records.count(split) == 0:
@@ -302,60 +316,10 @@ def decisions(probs: np.ndarray, thresholds, class_names: list[str], multi_label
     return {"prediction": [class_names[i] for i in probs.argmax(1)], "flagged": joined}
 
 
-def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir: str = "", split: str = "test",
-                out: str = "predictions.csv", which: str = "", batch_size: int = 32, thresholds: str = "paper",
-                checkpoint: str = "best", max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
-    """Predicts image files (or a split of records) with a run's network, streaming to a CSV written atomically.
-
-    Columns: path (or id), p_<class> per class (calibrated with thresholds='validated'), the decisions
-    (`decisions`), entropy and disagreement (student vs teacher; `selection.uncertainty_components`) and their
-    mean, `uncertainty`. Unreadable files go to `<out>.skipped.csv` with the reason, and are counted.
-    """
-    _check_output(out)
-    cfg, run, model = load_run(model_dir, checkpoint)
-    which = which or cfg.train.eval_with
-    class_names, multi_label = run["class_names"], run["task"] == "multi_label"
-    if thresholds == "validated":
-        fitted = read_calibration(model_dir, checkpoint, required=True)
-        if which not in fitted["networks"]:
-            raise ConfigError(f"--thresholds=validated: {model_dir}/{CALIBRATION} has no calibration for the "
-                              f"{which}; run python -m stsc_tf.evaluate --fit_thresholds --networks=both")
-        entry = fitted["networks"][which]
-        cal, cuts = calibration_lib.Calibration.from_dict(entry["calibration"]), entry["thresholds"]
-    else:
-        cal, cuts = None, [cfg.train.threshold] * len(class_names)
-    header = (["id" if data_dir else "path"] + [f"p_{c}" for c in class_names]
-              + (["positive"] if multi_label else ["prediction", "flagged"]) + ["entropy", "disagreement",
-                                                                                  "uncertainty"])
-    skipped_path = os.path.splitext(out)[0] + ".skipped.csv"
-    _check_replaceable(out, header, "--out")
-    _check_replaceable(skipped_path, ["path", "why"], "--out's skipped list")
-    count, skipped, t0 = 0, 0, time.time()
-    progress = keras.utils.Progbar(None, unit_name="image")
-
-    def write(writer, names, z_chosen, z_s, z_t):
-        probs = cal.apply(z_chosen) if cal is not None else probabilities(z_chosen, multi_label).numpy()
-        parts = selection.uncertainty_components(probabilities(z_s, multi_label).numpy().astype(np.float64),
-                                                 probabilities(z_t, multi_label).numpy().astype(np.float64),
-                                                 multi_label=multi_label)
-        decided = decisions(probs, cuts, class_names, multi_label)
-        mean = (parts["entropy"] + parts["disagreement"]) / 2
-        for i, name in enumerate(names):
-            writer.writerow([name, *(f"{p:.6f}" for p in probs[i]), *(decided[k][i] for k in decided),
-                             f"{parts['entropy'][i]:.6f}", f"{parts['disagreement'][i]:.6f}", f"{mean[i]:.6f}"])
-
-    @tf.function(input_signature=[tf.TensorSpec([None, cfg.data.image_size, cfg.data.image_size, 3], tf.float32)],
-                 reduce_retracing=True)
-    def logits(x):  # both networks in one traced call (eager DenseNet calls cost more than the maths here)
-        return model.student(x, training=False)[1], model.teacher(x, training=False)[1]
-
-    def forward(x):
-        z_s, z_t = (np.asarray(z, np.float64) for z in logits(tf.convert_to_tensor(x, tf.float32)))
-        return (z_s if which == "student" else z_t), z_s, z_t
-
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for folder, name in {(os.path.dirname(os.path.abspath(p)), os.path.basename(p)) for p in (out, skipped_path)}:
-        remove_stale_temps(folder, (name,))  # what a killed predict of the same --out left
+def _predict_to(out, skipped_path, header, data_dir, split, images, image_list, run, cfg, batch_size, max_pixels,
+                which, forward, write, progress) -> tuple[int, int]:
+    """Streams the predictions (and the skipped files) into temporaries renamed into place when complete."""
+    count, skipped = 0, 0
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f, \
             atomic_path(skipped_path) as tmp_skipped, open(tmp_skipped, "w", newline="", encoding="utf-8") as g:
         # both streamed (memory stays constant); "\n" line ends, as the package's other CSVs (pandas)
@@ -387,8 +351,76 @@ def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir
                 skip_writer.writerows(bad_files)
                 skipped += len(bad_files)
                 progress.add(len(batch))
+    return count, skipped
+
+
+def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir: str = "", split: str = "test",
+                out: str = "predictions.csv", which: str = "", batch_size: int = 32, thresholds: str = "paper",
+                checkpoint: str = "best", max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
+    """Predicts image files (or a split of records) with a run's network, streaming to a CSV written atomically.
+
+    Columns: path (or id), p_<class> per class (calibrated with thresholds='validated'), the decisions
+    (`decisions`), entropy and disagreement (student vs teacher; `selection.uncertainty_components`) and their
+    mean, `uncertainty`. Unreadable files go to `<out>.skipped.csv` with the reason, and are counted.
+    """
+    _check_output(out)
+    cfg, run, model = load_run(model_dir, checkpoint)
+    which = which or cfg.train.eval_with
+    class_names, multi_label = run["class_names"], run["task"] == "multi_label"
+    if thresholds == "validated":
+        fitted = read_calibration(model_dir, checkpoint, required=True)
+        if which not in fitted["networks"]:
+            raise ConfigError(f"--thresholds=validated: {model_dir}/{CALIBRATION} has no calibration for the "
+                              f"{which}; run python -m stsc_tf.evaluate --fit_thresholds --networks=both")
+        entry = fitted["networks"][which]
+        cal, cuts = calibration_lib.Calibration.from_dict(entry["calibration"]), entry["thresholds"]
+    else:
+        cal, cuts = None, [cfg.train.threshold] * len(class_names)
+    header = (["id" if data_dir else "path"] + [f"p_{c}" for c in class_names]
+              + (["positive"] if multi_label else ["prediction", "flagged"]) + ["entropy", "disagreement",
+                                                                                  "uncertainty"])
+    skipped_path = os.path.splitext(out)[0] + ".skipped.csv"
+    _check_replaceable(out, header, "--out")
+    _check_replaceable(skipped_path, ["path", "why"], "--out's skipped list")
+    check_replaceable_output(model_dir, out, "--out")
+    check_replaceable_output(model_dir, skipped_path, "--out's skipped list")
+    t0 = time.time()
+    progress = keras.utils.Progbar(None, unit_name="image")
+
+    def write(writer, names, z_chosen, z_s, z_t):
+        probs = cal.apply(z_chosen) if cal is not None else probabilities(z_chosen, multi_label).numpy()
+        parts = selection.uncertainty_components(probabilities(z_s, multi_label).numpy().astype(np.float64),
+                                                 probabilities(z_t, multi_label).numpy().astype(np.float64),
+                                                 multi_label=multi_label)
+        decided = decisions(probs, cuts, class_names, multi_label)
+        mean = (parts["entropy"] + parts["disagreement"]) / 2
+        for i, name in enumerate(names):
+            writer.writerow([name, *(f"{p:.6f}" for p in probs[i]), *(decided[k][i] for k in decided),
+                             f"{parts['entropy'][i]:.6f}", f"{parts['disagreement'][i]:.6f}", f"{mean[i]:.6f}"])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, cfg.data.image_size, cfg.data.image_size, 3], tf.float32)],
+                 reduce_retracing=True)
+    def logits(x):  # both networks in one traced call (eager DenseNet calls cost more than the maths here)
+        return model.student(x, training=False)[1], model.teacher(x, training=False)[1]
+
+    def forward(x):
+        z_s, z_t = (np.asarray(z, np.float64) for z in logits(tf.convert_to_tensor(x, tf.float32)))
+        return (z_s if which == "student" else z_t), z_s, z_t
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for folder, name in {(os.path.dirname(os.path.abspath(p)), os.path.basename(p)) for p in (out, skipped_path)}:
+        remove_stale_temps(folder, (name,))  # what a killed predict of the same --out left
+    try:
+        count, skipped = _predict_to(out, skipped_path, header, data_dir, split, images, image_list, run, cfg,
+                                     batch_size, max_pixels, which, forward, write, progress)
+    except OSError as e:  # a full disk, most often: the previous file (if any) is still whole
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise ConfigError(f"--out={out!r}: could not write the predictions ({e.strerror or e}); nothing was "
+                          "replaced") from None
     if not skipped:
         os.remove(skipped_path)
+    record_outputs(model_dir, [out] + ([skipped_path] if skipped else []))
     seconds = time.time() - t0
     summary = {"predicted": count, "skipped": skipped, "out": os.path.abspath(out),
                "skipped_csv": os.path.abspath(skipped_path) if skipped else None, "network": which,

@@ -30,7 +30,8 @@ from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError
 from stsc_tf.files import atomic_path, atomic_write_csv, read_csv
 from stsc_tf.models.backbones import feature_map_layer
-from stsc_tf.run_folder import RELATIONS, check_writable, load_run, run_records
+from stsc_tf.run_folder import (RELATIONS, check_replaceable_output, check_writable, load_run, record_outputs,
+                                run_records)
 
 log = logging.getLogger("stsc_tf.explain")
 EPS = 1e-8
@@ -98,6 +99,9 @@ def gradcam_run(model_dir: str, images: str, out: str, which: str = "", class_na
     else:
         classes = [int(c) for c in np.argmax(logits.numpy(), axis=1)]
     cams = gradcam_maps(network, inputs, classes, layer=layer, plus_plus=plus_plus)
+    targets = [os.path.join(out, f"{stem}_gradcam.png") for stem in stems] + [os.path.join(out, "grid.png")]
+    for target in targets:
+        check_replaceable_output(model_dir, target)
     os.makedirs(out, exist_ok=True)
     written, titles = [], []
     for stem, px, cam, c in zip(stems, pixels, cams, classes):
@@ -108,6 +112,7 @@ def gradcam_run(model_dir: str, images: str, out: str, which: str = "", class_na
         titles.append(title)
     figures.grid_figure(pixels, cams, titles, os.path.join(out, "grid.png"))
     written.append(os.path.join(out, "grid.png"))
+    record_outputs(model_dir, written)
     log.info("wrote %d Grad-CAM overlays and grid.png to %s", len(stems), out)
     return written
 
@@ -182,17 +187,21 @@ def relations_run(model_dir: str, out: str = "", checkpoint: str = "best", data_
         _, batch = _val_batch(model_dir, run, cfg, data_dir)
         record_relations(model, batch["image"], 0, folder)
         saved = _recorded(folder)
+    chosen = list(dict.fromkeys([saved[0], saved[-1]]))
+    targets = [os.path.join(out, f"relations_epoch_{int(os.path.basename(p)[6:9]):03d}.png") for p in chosen]
+    for target in targets + [os.path.join(out, "relation_distance.png")]:
+        check_replaceable_output(model_dir, target)
     written = []
-    for path in dict.fromkeys([saved[0], saved[-1]]):
+    for path, target in zip(chosen, targets):
         m = np.load(path)
         epoch = int(os.path.basename(path)[6:9])
-        target = os.path.join(out, f"relations_epoch_{epoch:03d}.png")
         figures.heatmap_figure(m["student"], m["teacher"], f"epoch {epoch}: ||R_s - R_t|| = "
                                f"{np.linalg.norm(m['student'] - m['teacher']):.4f}", target)
         written.append(target)
     epochs, distances = _read_distances(folder)
     figures.distance_figure(epochs, distances, os.path.join(out, "relation_distance.png"))
     written.append(os.path.join(out, "relation_distance.png"))
+    record_outputs(model_dir, written)
     log.info("wrote %s", ", ".join(written))
     return written
 
@@ -260,11 +269,13 @@ def substructures_run(model_dir: str, out: str = "", checkpoint: str = "best", t
         epochs = "the best and the last checkpoints"
     components, edges = stable_components(r_now, r_prev, tau, tau_mode, cfg.loss.tsc_edges)
     path = os.path.join(out or model_dir, "substructures.png")
+    check_replaceable_output(model_dir, path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sizes = ", ".join(str(len(c)) for c in components) or "none"
     figures.substructures_figure(thumbs, labels, components, edges,
                                  f"stable sub-structures of {len(labels)} validation images ({epochs}; tau={tau:g}, "
                                  f"{tau_mode}): sizes {sizes}", path)
+    record_outputs(model_dir, [path])
     log.info("%d stable sub-structure(s) (sizes %s) -> %s", len(components), sizes, path)
     return path
 

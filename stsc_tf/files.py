@@ -108,3 +108,14 @@ def sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def split_plus(value: str) -> list[str]:
+    """'a.csv+b.csv' -> ['a.csv', 'b.csv']; a name that holds '+' itself stays whole when that file exists
+    (the longest run of parts naming an existing path wins), so a folder like 'runs/a+b' needs no escaping."""
+    parts, out, i = value.split("+"), [], 0
+    while i < len(parts):
+        j = next((j for j in range(len(parts), i + 1, -1) if os.path.exists("+".join(parts[i:j]))), i + 1)
+        out.append("+".join(parts[i:j]))
+        i = j
+    return out

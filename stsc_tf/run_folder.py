@@ -18,9 +18,12 @@ file or the new one, never a part; a backup is written last, after the epoch's o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -36,7 +39,8 @@ import pandas as pd
 from stsc_tf.config import HARMLESS, Config
 from stsc_tf.data.pipeline import RecordSet
 from stsc_tf.errors import ConfigError, DataError
-from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_csv, sha256
+from stsc_tf.files import (atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_csv, sha256,
+                           split_plus)
 from stsc_tf.models.optimizers import FusedAdam
 from stsc_tf.models.stsc import STSCModel
 from stsc_tf.schedules import EpochDecay
@@ -56,6 +60,7 @@ CALIBRATION = "calibration.json"
 TENSORBOARD = "tensorboard"
 RELATIONS = "relations"
 LOCK = ".lock"
+OUTPUTS = "outputs.json"  # what predict / suggest / explain wrote outside the run folder: path -> SHA-256
 # The files only a training process writes (under the lock): its partial files may be removed at its start.
 TRAINING_FILES = (CONFIG, RUN, LABELED, LOG, BEST, BEST_INFO, LAST)
 
@@ -64,9 +69,47 @@ IGNORED = {"train.model_dir", "data.data_dir"}
 
 
 def atomic_save_weights(model: keras.Model, path: str) -> None:
-    """model.save_weights to `path` (a *.weights.h5 name), whole or not at all."""
-    with atomic_path(path, suffix=".weights.h5") as tmp:
-        model.save_weights(tmp)
+    """model.save_weights to `path` (a *.weights.h5 name), whole or not at all.
+
+    A failed write (a full disk, most often) raises one OSError naming `path`; h5py's own complaints while it
+    lets go of the half-written file are not printed (they say the same thing dozens of times)."""
+    with atomic_path(path, suffix=".weights.h5") as tmp, _held_stderr() as held:
+        try:
+            model.save_weights(tmp)
+        except (OSError, RuntimeError) as e:
+            gc.collect()  # closes what h5py still holds of the temporary, while its complaints are held back
+            held.discard()
+            code = errno.ENOSPC if "errno = 28" in str(e) or getattr(e, "errno", None) == errno.ENOSPC else \
+                getattr(e, "errno", None) or errno.EIO
+            raise OSError(code, f"could not write the weights ({os.strerror(code)}); the previous file is kept",
+                          path) from None
+
+
+class _held_stderr(contextlib.AbstractContextManager):
+    """Holds back what is written to the process's stderr (h5py's C-level tracebacks bypass Python's hooks) and
+    lets it through at the end, unless discard() was called."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved, self._file = os.dup(2), tempfile.TemporaryFile()
+        os.dup2(self._file.fileno(), 2)
+        self._keep = True
+        return self
+
+    def discard(self) -> None:
+        self._keep = False
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if self._keep:
+            self._file.seek(0)
+            text = self._file.read()
+            if text:
+                sys.stderr.write(text.decode(errors="replace"))
+        self._file.close()
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,6 +126,51 @@ def check_writable(model_dir: str, flag: str = "--model_dir", create: bool = Tru
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"{flag}={model_dir!r} cannot be written ({e.strerror or e})") from None
+
+
+def _inside(model_dir: str, path: str) -> bool:
+    folder = os.path.realpath(model_dir)
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return where == folder or where.startswith(folder + os.sep)
+
+
+def _outputs(model_dir: str) -> dict:
+    try:
+        with open(os.path.join(model_dir, OUTPUTS), encoding="utf-8") as f:
+            entries = json.load(f)
+        return entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_replaceable_output(model_dir: str, path: str, flag: str = "--out") -> None:
+    """An after-training command replaces a file only when it is new, lies in the run folder (the package's), or is
+    an earlier output of this same run that nobody changed since (outputs.json holds its SHA-256). Never a
+    user's file, another run's output, or a list an expert has started to edit."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}: {path!r} is a folder; a file would replace it")
+    if not os.path.lexists(path) or _inside(model_dir, path):
+        return
+    known = _outputs(model_dir).get(os.path.realpath(path))
+    if known is None or not os.path.isfile(path) or sha256(path) != known:
+        raise ConfigError(f"{flag}: {path!r} exists and is not an unchanged output of this run ({model_dir}); it is "
+                          "not replaced: choose another --out, or move the file away")
+
+
+def record_outputs(model_dir: str, paths) -> None:
+    """Remembers files written outside the run folder, so the same run's next call may replace them (and only
+    them, unchanged). A read-only run folder records nothing: a rerun then needs another --out."""
+    entries = _outputs(model_dir)
+    changed = False
+    for path in paths:
+        if os.path.isfile(path) and not _inside(model_dir, path):
+            entries[os.path.realpath(path)] = sha256(path)
+            changed = True
+    if changed:
+        try:
+            atomic_write_json(os.path.join(model_dir, OUTPUTS), entries)
+        except OSError as e:
+            log.warning("could not record the outputs in %s (%s): a rerun will not replace them", model_dir, e)
 
 
 class RunLock:
@@ -162,7 +250,7 @@ PATHS = ("train.init_from", "data.labeled_ids", "model.weights")  # compared as 
 def _same_path(value):
     if not isinstance(value, str) or not value or value in ("imagenet", "none"):
         return value
-    return "+".join(os.path.realpath(part) for part in value.split("+"))
+    return "+".join(os.path.realpath(part) for part in split_plus(value))
 
 
 def config_differences(stored: Config, new: Config) -> dict[str, tuple]:
@@ -284,10 +372,10 @@ def run_records(model_dir: str, run: dict, data_dir: str = "") -> RecordSet:
         records = RecordSet.open(where)
     except DataError as e:
         raise ConfigError(f"--data_dir: {e}") from None
-    if data_dir and run.get("records_fingerprint") and records_fingerprint(records.manifest) != \
-            run["records_fingerprint"]:
-        raise ConfigError(f"--data_dir={data_dir!r} holds other records than the run in {model_dir} was trained on; "
-                          "give the run's conversion (wherever it is now)")
+    if run.get("records_fingerprint") and records_fingerprint(records.manifest) != run["records_fingerprint"]:
+        flag = f"--data_dir={data_dir!r}" if data_dir else f"{where} (run.json's data_dir)"
+        raise ConfigError(f"{flag} holds other records than the run in {model_dir} was trained on (converted again "
+                          "since?); give the run's conversion (wherever it is now), or train a new run on these")
     return records
 
 

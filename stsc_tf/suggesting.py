@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,8 @@ from stsc_tf.errors import ConfigError
 from stsc_tf.evaluation import check_records, refuse_nonfinite
 from stsc_tf.files import atomic_write_csv, read_csv
 from stsc_tf.losses import probabilities
-from stsc_tf.run_folder import LABELED, check_writable, load_run, read_labeled, run_records
+from stsc_tf.run_folder import (LABELED, check_replaceable_output, check_writable, load_run, read_labeled,
+                                record_outputs, run_records)
 
 log = logging.getLogger("stsc_tf.suggest")
 SHEET = 20  # thumbnails on the sheet
@@ -75,6 +77,8 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
     out = out or os.path.join(model_dir, "to_label.csv")
     sheet = os.path.splitext(out)[0] + ".png"
     _check_output(out, sheet)
+    for path in (out, sheet):
+        check_replaceable_output(model_dir, path)
     cfg, run, model = load_run(model_dir, checkpoint)
     records = run_records(model_dir, run, data_dir)
     check_records(records, run, f"the run's data_dir ({records.data_dir})")
@@ -112,11 +116,13 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
     })
     atomic_write_csv(out, table)
     _thumbnails(records, cfg.data.image_size, table.head(SHEET), sheet)
+    record_outputs(model_dir, [out, sheet])
     log.info("suggested %d of %d unlabeled images -> %s (and %s)", len(picked), len(candidates), out, sheet)
     print(f"suggested {len(picked)} of {len(candidates)} unlabeled training images\n  list:       "
           f"{os.path.abspath(out)}\n  thumbnails: {os.path.abspath(sheet)}\nfill the 'labels' column, then train on "
           f"the enlarged labeled set:\n  python -m stsc_tf.train ... --model_dir=NEW_RUN "
-          f"--labeled_ids={os.path.join(model_dir, LABELED)}+{out} --init_from={model_dir}")
+          f"{shlex.quote('--labeled_ids=' + os.path.join(model_dir, LABELED) + '+' + out)} "
+          f"{shlex.quote('--init_from=' + model_dir)}")
     return out
 
 

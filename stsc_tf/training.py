@@ -29,7 +29,7 @@ from stsc_tf.data.batches import check_batch
 from stsc_tf.data.pipeline import RecordSet, distribute_per_worker, eval_dataset, train_dataset
 from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import ConfigError, DataError, STSCError
-from stsc_tf.files import read_csv, remove_stale_temps
+from stsc_tf.files import read_csv, remove_stale_temps, split_plus
 from stsc_tf.models.backbones import resolve_backbone
 
 log = logging.getLogger("stsc_tf.train")
@@ -55,7 +55,22 @@ def validate(cfg: Config, num_replicas: int = 1) -> RecordSet:
                                  ("tsc_tau_mode", l.tsc_tau_mode, TAU_MODES), ("tsc_edges", l.tsc_edges, TSC_EDGES)):
         if value not in choices:  # (the CLI's enums refuse these already; a Config built in code may not)
             raise ConfigError(f"--{flag}={value!r}; choose one of {list(choices)}")
+    for part in (d, m, l, t):
+        for field in dataclasses.fields(part):
+            value = getattr(part, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{field.name} must be a finite number, got {value}")
     check_tsc_tau(l.tsc_tau, l.tsc_tau_mode)
+    for flag, value, low in (("steps_per_epoch", t.steps_per_epoch, 0), ("weight_decay", t.weight_decay, 0),
+                             ("rotation_deg", d.rotation_deg, 0), ("translate", d.translate, 0),
+                             ("shuffle_buffer", d.shuffle_buffer, 1), ("consistency_rampup", l.consistency_rampup, 0),
+                             ("relation_every_epochs", t.relation_every_epochs, 0)):
+        if value < low:
+            raise ConfigError(f"--{flag} must be >= {low}, got {value}")
+    if not 0.0 <= t.threshold <= 1.0:
+        raise ConfigError(f"--threshold is a probability in [0, 1], got {t.threshold}")
+    if t.lr_decay_rate <= 0 or (t.lr_decay == "step" and t.lr_decay_rate > 1):
+        raise ConfigError(f"--lr_decay_rate must be > 0 (and <= 1 with --lr_decay=step), got {t.lr_decay_rate}")
     if d.image_size < 16:
         raise ConfigError(f"--image_size must be >= 16, got {d.image_size}")
     if t.epochs < 1:
@@ -155,7 +170,7 @@ def labeled_selection(records: RecordSet, cfg: Config) -> tuple[np.ndarray, np.n
     chosen: dict[str, int] = {}
     given = labels.copy()
     expert: dict[str, np.ndarray] = {}  # id -> the label a --labeled_ids file gave it
-    for path in cfg.data.labeled_ids.split("+"):
+    for path in split_plus(cfg.data.labeled_ids):
         if not os.path.isfile(path):
             raise ConfigError(f"--labeled_ids: {path} not found")
         try:
@@ -188,6 +203,9 @@ def labeled_selection(records: RecordSet, cfg: Config) -> tuple[np.ndarray, np.n
 def _init_from(model, path: str) -> None:
     """Starts the student and teacher from a run folder's best checkpoint, or a student weights file."""
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, run_folder.CONFIG)):
+            raise ConfigError(f"--init_from={path!r}: a folder without {run_folder.CONFIG}, so not a run folder; give "
+                              "a run folder of python -m stsc_tf.train or a weights file")
         _, _, source = run_folder.load_run(path, "best")
         pairs = [(model.student, source.student), (model.teacher, source.teacher)]
         for target, origin in pairs:
@@ -253,20 +271,24 @@ def _train(cfg: Config, records: RecordSet, strategy, model_dir: str, resuming: 
         run_info["class_weights"] = None
     if resuming:
         run_folder.check_same_data(model_dir, run_info, labeled, by_ratio=not cfg.data.labeled_ids)
-    else:
-        run_folder.write_run_files(model_dir, cfg, run_info, labeled)
     if cfg.train.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
     try:
         with records.reading():
-            return _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, label_table, resuming,
+            return _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled, label_table, resuming,
                                  extra_callbacks, bootstrap, t0)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
 
-def _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, label_table, resuming, extra_callbacks,
+def _without_ids(batch: dict) -> dict:
+    """An evaluation batch without its string ids: a compiled step (--jit_compile) takes no string tensor."""
+    return {k: v for k, v in batch.items() if k != "id"}
+
+
+def _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled, label_table, resuming, extra_callbacks,
                   bootstrap, t0) -> dict:
+    labeled_idx = labeled["index"].to_numpy()
     steps = run_info["steps_per_epoch"]
     weights = run_info["class_weights"]
     with strategy.scope():
@@ -278,6 +300,8 @@ def _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, labe
     start_epoch = run_folder.restore_backup(model, backup_dir) if resuming else 0
     if start_epoch == 0 and cfg.train.init_from:
         _init_from(model, cfg.train.init_from)
+    if not resuming:  # only now: a flag that fails to build the model (weights, layer, init_from) leaves no run
+        run_folder.write_run_files(model_dir, cfg, run_info, labeled)
     log.info("data: %d train (%d labeled, %.1f%%), %d val, %d test; %d steps/epoch; %d replica(s)%s",
              run_info["num_train"], len(labeled_idx), 100 * run_info["labeled_share"], records.count("val"),
              records.count("test"), steps, strategy.num_replicas_in_sync,
@@ -314,7 +338,7 @@ def _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled_idx, labe
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             train_input = distribute_per_worker(data.dataset, strategy)
         model.fit(train_input, epochs=cfg.train.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
-                  validation_data=val, callbacks=callbacks, verbose=2)
+                  validation_data=val and val.map(_without_ids), callbacks=callbacks, verbose=2)
     else:
         log.info("%s already finished %d epochs; writing its test metrics again", model_dir, start_epoch)
     if guard.message:

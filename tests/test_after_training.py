@@ -17,11 +17,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from stsc_tf import calibration, evaluation, exporting, run_folder, suggesting
+from stsc_tf import calibration, evaluation, explaining, exporting, run_folder, suggesting
 from stsc_tf.config import Config, ConvertConfig, DataConfig, LossConfig, ModelConfig, TrainConfig
 from stsc_tf.data import augment, synthetic
 from stsc_tf.data.convert import convert
 from stsc_tf.errors import ConfigError, DataError
+from stsc_tf.files import split_plus
 from stsc_tf.data.pipeline import RecordSet
 from stsc_tf.training import labeled_selection, run_training
 
@@ -369,3 +370,57 @@ def isic_other(tmp_path) -> str:
     out = str(tmp_path / "other_rec")
     convert(ConvertConfig(dataset="isic2018", source_dir=raw, output_dir=out, image_size=0, num_shards=1, workers=1))
     return out
+
+
+def test_no_output_of_another_run_or_changed_since_is_replaced_and_reconverted_records_are_refused(isic, tmp_path):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    for run in (run_a, run_b):
+        shutil.copytree(isic["run"], run, ignore=shutil.ignore_patterns(run_folder.OUTPUTS))
+    out = tmp_path / "preds.csv"
+    evaluation.predict_run(str(run_a), data_dir=isic["records"], out=str(out))
+    evaluation.predict_run(str(run_a), data_dir=isic["records"], out=str(out))  # its own, unchanged: replaced
+    before = out.read_bytes()
+    with pytest.raises(ConfigError, match="preds.csv.*not an unchanged output of this run"):
+        evaluation.predict_run(str(run_b), data_dir=isic["records"], out=str(out))
+    listing = tmp_path / "next.csv"
+    suggesting.suggest_run(str(run_a), budget=3, out=str(listing))
+    with pytest.raises(ConfigError, match="next.csv.*not an unchanged output of this run"):
+        suggesting.suggest_run(str(run_b), budget=3, out=str(listing))
+    pictures = tmp_path / "pictures"  # a user's own pictures in explain's --out
+    pictures.mkdir()
+    (pictures / "grid.png").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="grid.png.*not an unchanged output"):
+        explaining.gradcam_run(str(run_a), images="", out=str(pictures), num_images=2)
+    cams = tmp_path / "cams"
+    explaining.gradcam_run(str(run_a), images="", out=str(cams), num_images=2)
+    explaining.gradcam_run(str(run_a), images="", out=str(cams), num_images=2)  # its own: replaced
+    assert out.read_bytes() == before and (pictures / "grid.png").read_bytes() == b"mine"
+    # a '+' inside a name: the printed command works as printed
+    plus = tmp_path / "dir+plus"
+    plus.mkdir()
+    suggesting.suggest_run(str(run_a), budget=3, out=str(plus / "my list.csv"))
+    parts = split_plus(f"{run_a}/labeled_ids.csv+{plus}/my list.csv")
+    assert parts == [f"{run_a}/labeled_ids.csv", f"{plus}/my list.csv"]
+    # the records converted again in place (another split): every command refuses them, by name
+    records = tmp_path / "records"
+    shutil.copytree(isic["records"], records)
+    info = json.loads((run_a / "run.json").read_text())
+    (run_a / "run.json").write_text(json.dumps({**info, "data_dir": str(records)}))
+    convert(ConvertConfig(dataset="isic2018", source_dir=isic["raw"], output_dir=str(records), image_size=0,
+                          num_shards=2, workers=1, seed=7, overwrite=True))
+    for call in (lambda: evaluation.evaluate_run(str(run_a), bootstrap=0),
+                 lambda: evaluation.evaluate_run(str(run_a), bootstrap=0, fit=True),
+                 lambda: suggesting.suggest_run(str(run_a), budget=3, out=str(tmp_path / "z.csv")),
+                 lambda: explaining.gradcam_run(str(run_a), images="", out=str(tmp_path / "z"), num_images=2)):
+        with pytest.raises(ConfigError, match="other records than the run"):
+            call()
+
+
+def test_a_calibration_is_bound_to_the_weights_it_was_fitted_on(isic, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(isic["run"], run, ignore=shutil.ignore_patterns(run_folder.CALIBRATION))
+    cfg, _, model = run_folder.load_run(str(run), "best")
+    with pytest.raises(ConfigError, match="changed while it was being evaluated"):  # replaced after loading
+        evaluation.fit_thresholds(model, RecordSet.open(isic["records"]), cfg, str(run), ("teacher",),
+                                  loaded_sha256="0" * 64)
+    assert not (run / run_folder.CALIBRATION).exists()

@@ -332,6 +332,20 @@ def test_csv_folder_with_gray_rgba_and_16bit_png(tmp_path):
                 np.testing.assert_array_equal(image, np.asarray(kinds["rgba"])[..., :3])
         expected = {"a": [1, 0], "b": [0, 1], "a|b": [1, 1]}
         assert all(np.array_equal(recs[r[0]][2], expected[r[1]]) for r in rows)
+    # rows without a group value: each its own group, counted in the manifest's notes (not one big group "")
+    blank = [r if i % 2 else (r[0], r[1], "") for i, r in enumerate(rows)]
+    with open(src / "blank.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "findings", "patient")] + blank)
+    manifest, out = run_convert(tmp_path, src, dataset="csv_folder", name="blank", csv_path=str(src / "blank.csv"),
+                                image_column="file", label_column="findings", group_column="patient",
+                                task="multi_label")
+    _, recs = read_all(out)
+    ungrouped = [recs[r[0]][3] for r in blank if not r[2]]
+    assert len(set(ungrouped)) == len(ungrouped) == 12, ungrouped
+    assert any("12 row(s) with an empty 'patient' cell" in n for n in manifest["source"]["notes"])
+    with pytest.raises(DataError, match=r"name \['a'\] more than once"):
+        run_convert(tmp_path, src, dataset="csv_folder", name="twice", image_column="file", label_column="findings",
+                    task="multi_label", class_names=("a", "b", "a"))
     images = tmp_path / "elsewhere"  # --image_dir: a missing file is reported where it was looked for
     shutil.copytree(src, images)
     (images / "gray0.png").unlink()

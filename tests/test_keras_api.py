@@ -342,6 +342,24 @@ def test_stsc_dataset_from_a_dataset_of_pairs_composes_the_labeled_share_and_ind
         assert not np.allclose(batch["student_view"], batch["teacher_view"])  # two independent draws
 
 
+def test_input_forms_stsc_dataset_and_fit_do_not_take_are_refused_saying_what_to_pass():
+    images, labels, labeled = data()
+    one_hot = keras.utils.to_categorical(labels, K)
+    common = dict(labeled=labeled, num_classes=K, batch_size=8, labeled_per_batch=2)
+    dicts = tf.data.Dataset.from_tensor_slices({"image": images, "label": one_hot})
+    with pytest.raises(ValueError, match="dataset of dicts.*map it to \\(image, label\\) pairs"):
+        stsc_dataset(dicts, **common)
+    with pytest.raises(ValueError, match="must be \\(image, label\\) pairs"):
+        stsc_dataset(tf.data.Dataset.from_tensor_slices(images), **common)
+    batched = tf.data.Dataset.from_tensor_slices((images, one_hot)).batch(6)
+    with pytest.raises(ValueError, match="unbatched"):
+        stsc_dataset(batched, num_samples=N, **common)
+    model = STSCModel.from_backbone("tiny", num_classes=K, image_size=S, num_train=N, loss_config=LOSS)
+    model.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="not \\(x, y\\) arrays.*stsc_dataset"):
+        model.fit(preprocess_images(images, S), one_hot, steps_per_epoch=2)
+
+
 def test_no_warning_from_the_package_during_fit_evaluate_predict():
     model = STSCModel.from_backbone("tiny", num_classes=K, image_size=S, num_train=N, loss_config=LOSS)
     model.compile(optimizer="adam")

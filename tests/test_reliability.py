@@ -532,3 +532,65 @@ def test_the_exported_model_refuses_oversized_images_from_their_header(small_run
     _huge_png(tmp_path / "huge.png")  # 250 KB declaring 16000 x 16000: refused before any pixel is decoded
     with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than the limit of 40000000"):
         default.signatures["serving_default"](image_bytes=tf.constant([(tmp_path / "huge.png").read_bytes()]))
+
+
+# ------------------------------------------------------------------------------------------------ third pass
+@pytest.mark.parametrize("change, flag", [
+    ({"train__steps_per_epoch": -1}, "--steps_per_epoch"), ({"data__shuffle_buffer": 0}, "--shuffle_buffer"),
+    ({"train__weight_decay": -1.0}, "--weight_decay"), ({"train__threshold": 2.0}, "--threshold"),
+    ({"loss__consistency": float("inf")}, "--consistency"), ({"train__learning_rate": float("nan")}, "--learning_rate"),
+    ({"data__rotation_deg": float("nan")}, "--rotation_deg"), ({"model__backbone": "os:getcwd"}, "--backbone"),
+])
+def test_flags_no_run_can_use_are_refused_by_name_before_any_file_is_written(small_run, tmp_path, change, flag):
+    folder = tmp_path / "new"
+    with pytest.raises(ConfigError, match=flag):
+        run_training(config(small_run["records"], folder, epochs=1, **change), bootstrap=0)
+    assert not folder.exists() or not any(p.name.endswith((".json", ".csv")) for p in folder.iterdir())
+
+
+def test_a_flag_that_fails_to_build_the_model_leaves_no_run_and_jit_compile_trains(small_run, tmp_path):
+    folder = tmp_path / "new"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for change, message in (({"model__relation_layer": "nope"}, "nope"),
+                            ({"train__init_from": str(empty)}, "--init_from=.*not a run folder")):
+        with pytest.raises(ConfigError, match=message):
+            run_training(config(small_run["records"], folder, epochs=1, **change), bootstrap=0)
+        assert not (folder / "config.json").exists() and not (folder / "run.json").exists()
+        assert not (folder / "labeled_ids.csv").exists()
+    # the corrected command is a new run (nothing of the failed one is in its way); compiled with XLA
+    run_training(config(small_run["records"], folder, epochs=1, train__jit_compile=True), bootstrap=0)
+    assert (folder / "config.json").exists() and (folder / "best.weights.h5").exists()
+
+
+def test_a_full_disk_while_saving_weights_names_the_file_and_keeps_the_previous_one(small_run, tmp_path,
+                                                                                  monkeypatch):
+    _, _, model = run_folder.load_run(str(small_run["run"]), "best")
+    target = tmp_path / "last.weights.h5"
+    run_folder.atomic_save_weights(model, str(target))
+    before = target.read_bytes()
+
+    def full(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("Can't close file (file write failed: errno = 28, error message = 'No space left')")
+
+    monkeypatch.setattr(model, "save_weights", full)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        run_folder.atomic_save_weights(model, str(target))
+    assert caught.value.filename == str(target) and target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.weights.h5"]
+
+
+def test_a_conversion_never_replaces_records_a_process_is_reading(small_run, tmp_path):
+    records = tmp_path / "records"
+    shutil.copytree(small_run["records"], records)
+    again = ConvertConfig(dataset="isic2018", source_dir=small_run["raw"], output_dir=str(records), image_size=0,
+                          num_shards=2, workers=1, seed=3, overwrite=True)
+    before = files_of(records, ["manifest.json", "train.csv"])
+    with RecordSet.open(str(records)).reading():  # a training, evaluation or prediction reads them
+        with pytest.raises(DataError, match="another process uses .*records"):
+            convert(again)
+    assert files_of(records, ["manifest.json", "train.csv"]) == before
+    convert(again)  # nobody reads them now
+    assert files_of(records, ["manifest.json", "train.csv"]) != before

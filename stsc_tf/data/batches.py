@@ -173,7 +173,17 @@ def stsc_dataset(images, labels=None, labeled=None, *, batch_size: int, labeled_
             raise ValueError("the dataset's length is unknown: pass num_samples=N")
         if labels is not None:
             raise ValueError("with a dataset of (image, label) pairs, leave labels=None")
-        label_spec = source.element_spec[1]
+        spec = source.element_spec
+        if isinstance(spec, dict):
+            raise ValueError(f"a dataset of dicts (keys {sorted(spec)}) is not taken: map it to (image, label) pairs, "
+                             "e.g. ds.map(lambda d: (d['image'], d['label']))")
+        if not isinstance(spec, tuple) or len(spec) != 2:
+            raise ValueError(f"the dataset's elements must be (image, label) pairs, got {spec}; unlabeled images "
+                             "too need a label slot (any value) with labeled=False")
+        if spec[0].shape.rank != 3:
+            raise ValueError(f"the dataset's images have shape {spec[0].shape}; expected one image [H, W, C] per "
+                             "element: pass the dataset unbatched (ds.unbatch())")
+        label_spec = spec[1]
         if label_spec.shape.rank == 0 or (label_spec.shape.rank == 1 and label_spec.shape[0] == 1
                                           and label_spec.dtype.is_integer and num_classes != 1):
             if not label_spec.dtype.is_integer or num_classes is None:

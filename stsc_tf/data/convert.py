@@ -16,6 +16,7 @@ write are never deleted: an output folder holding anything but a finished conver
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -116,6 +117,33 @@ def _is_conversion(out_dir: str) -> bool:
             and isinstance(manifest["splits"], dict))
 
 
+def lock_path(out_dir: str) -> str:
+    """The lock file of a conversion folder, beside it: a conversion holds it exclusively, readers shared."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.lock")
+
+
+@contextlib.contextmanager
+def reading_lock(data_dir: str):
+    """Held while a process reads a conversion: a conversion into that folder is refused meanwhile, and the other
+    way round. Where the lock cannot be created (a read-only place), nothing can convert there either: no lock."""
+    try:
+        handle = open(lock_path(data_dir), "a")
+    except OSError:
+        handle = None
+    try:
+        if handle is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                raise DataError(f"{data_dir}: a conversion into it is running (python -m stsc_tf.convert); wait for "
+                                "it to finish") from None
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 class OutputFolder:
     """The output folder of one conversion: a lock for it, its work folder, and the final move (see module doc)."""
 
@@ -125,7 +153,7 @@ class OutputFolder:
         parent, name = os.path.split(self.out_dir)
         os.makedirs(parent, exist_ok=True)
         self.work = os.path.join(parent, f".{name}.converting-{os.getpid()}")
-        self._lock_path = os.path.join(parent, f".{name}.lock")
+        self._lock_path = lock_path(self.out_dir)
         self._lock = None
 
     def __enter__(self) -> "OutputFolder":
@@ -134,7 +162,8 @@ class OutputFolder:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.close()
-            raise DataError(f"another conversion into {self.out_dir} is running; wait for it to finish") from None
+            raise DataError(f"another process uses {self.out_dir}: a conversion into it, or a training, evaluation "
+                            "or prediction reading it; wait for it to finish") from None
         self._recover()
         self._check_target()
         os.makedirs(self.work)

@@ -20,7 +20,7 @@ import tensorflow as tf
 from stsc_tf.config import DataConfig
 from stsc_tf.data import augment, features
 from stsc_tf.data.batches import Augmentation, check_batch, compose, two_views
-from stsc_tf.data.convert import damaged_shards, load_manifest, shard_paths
+from stsc_tf.data.convert import damaged_shards, load_manifest, reading_lock, shard_paths
 from stsc_tf.data.splits import labeled_subset
 from stsc_tf.errors import DataError
 from stsc_tf.files import read_csv
@@ -90,9 +90,11 @@ class RecordSet:
 
     @contextlib.contextmanager
     def reading(self):
-        """Turns TensorFlow's "corrupted record" into a DataError naming the damaged shard(s) (checked by hash)."""
+        """Reads under the conversion's shared lock (no conversion replaces the records meanwhile); turns
+        TensorFlow's "corrupted record" into a DataError naming the damaged shard(s) (checked by hash)."""
         try:
-            yield
+            with reading_lock(self.data_dir):
+                yield
         except tf.errors.DataLossError as e:
             damaged = damaged_shards(self.data_dir, self.manifest)
             what = f"shard(s) {damaged}" if damaged else "a shard"

@@ -141,6 +141,12 @@ def build_features(backbone: str, *, image_size: int, weights: str = "none", syn
         base = builder(image_size=image_size, weights="imagenet" if weights == "imagenet" else None)
     except ConfigError:
         raise
+    except TypeError as e:
+        if backbone in _REGISTRY:
+            raise
+        raise ConfigError(f"--backbone={backbone!r}: calling it as {backbone}(image_size={image_size}, weights=...) "
+                          f"failed ({e}); a builder takes the keywords image_size and weights and returns a "
+                          "functional keras.Model") from None
     except Exception as e:  # the download of ImageNet weights, most often
         if weights == "imagenet":
             raise ConfigError(f"--weights=imagenet: could not load ImageNet weights for {backbone} ({e}); use "

@@ -48,6 +48,10 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
         require_columns(header, names, csv_path)
     if not names:
         raise DataError(f"{csv_path}: no class columns found")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{csv_path}: the classes {names} ({'--class_names' if class_names else 'its header'}) name "
+                        f"{repeated} more than once; name each class once")
     bad = [n for n in names if "|" in n or "\n" in n or n != n.strip()]
     if bad:
         raise DataError(f"{csv_path}: class names {bad} contain '|', a line break or outer spaces ('|' separates "
@@ -56,7 +60,7 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
     ids = [r[i_img].strip() for r in rows]
     check_unique_ids(ids, csv_path, lines)
     skipped: list[tuple[str, str]] = []
-    out = []
+    out, ungrouped = [], []
     for line, image_id, r in zip(lines, ids, rows):
         where = f"{csv_path} row {line} ({image_id})"
         if label_column:
@@ -80,7 +84,13 @@ def load(source_dir: str, *, on_error: str = "fail", csv_path: str = "", image_d
             if label is None:
                 continue
         group = r[header.index(group_column)].strip() if group_column else image_id
+        if not group:  # a row without a group value shares a split with no other row
+            group = f"(no {group_column}) {image_id}"
+            ungrouped.append(line)
         out.append(Row(image_id, _resolve(image_dir, image_id), label, group, where=where,
                        expected=os.path.join(image_dir, image_id) + "[.jpg|.jpeg|.png]"))
-    return Source("csv_folder", task, names, out, source_dir, skipped,
-                  [] if group_column else ["no group column: each image is its own group"])
+    notes = [] if group_column else ["no group column: each image is its own group"]
+    if ungrouped:
+        notes.append(f"{len(ungrouped)} row(s) with an empty {group_column!r} cell are each their own group (rows "
+                     f"{', '.join(map(str, ungrouped[:10]))}{', ...' if len(ungrouped) > 10 else ''})")
+    return Source("csv_folder", task, names, out, source_dir, skipped, notes)
