@@ -39,7 +39,7 @@ def user_errors():
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        if e.errno == errno.ENOSPC:  # h5py can crash at exit over a half-written file: end here, cleanly
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # h5py may crash at exit over a half-written file: end now
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)

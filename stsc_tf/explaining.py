@@ -89,7 +89,8 @@ def gradcam_run(model_dir: str, images: str, out: str, which: str = "", class_na
         stems = unique_stems(paths)
     else:  # the first test images of the run's records
         records = run_records(model_dir, run, data_dir)
-        batch = next(iter(eval_dataset(records, "test", cfg.data.image_size, num_images)))
+        with records.reading():
+            batch = next(iter(eval_dataset(records, "test", cfg.data.image_size, num_images)))
         inputs = batch["image"].numpy()
         pixels = augment.denormalize(inputs).numpy()
         stems = [i.decode() for i in batch["id"].numpy()]
@@ -173,7 +174,8 @@ def _recorded(folder: str) -> list[str]:
 def _val_batch(model_dir: str, run: dict, cfg, data_dir: str, size: int = 32) -> tuple[RecordSet, dict]:
     records = run_records(model_dir, run, data_dir)
     split = "val" if records.count("val") else "test"
-    return records, next(iter(eval_dataset(records, split, cfg.data.image_size, min(size, records.count(split)))))
+    with records.reading():
+        return records, next(iter(eval_dataset(records, split, cfg.data.image_size, min(size, records.count(split)))))
 
 
 def relations_run(model_dir: str, out: str = "", checkpoint: str = "best", data_dir: str = "") -> list[str]:

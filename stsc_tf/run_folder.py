@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -74,15 +75,21 @@ def atomic_save_weights(model: keras.Model, path: str) -> None:
     A failed write (a full disk, most often) raises one OSError naming `path`; h5py's own complaints while it
     lets go of the half-written file are not printed (they say the same thing dozens of times)."""
     with atomic_path(path, suffix=".weights.h5") as tmp, _held_stderr() as held:
+        failed = None
         try:
             model.save_weights(tmp)
-        except (OSError, RuntimeError) as e:
+        except OSError as e:
+            failed = e.errno or errno.EIO
+        except RuntimeError as e:  # h5py reports a failed write as RuntimeError("... errno = N, ...")
+            found = re.search(r"errno = (\d+)", str(e))
+            if found is None:
+                raise
+            failed = int(found.group(1))
+        if failed is not None:  # (out of the except: its traceback no longer holds h5py's objects)
             gc.collect()  # closes what h5py still holds of the temporary, while its complaints are held back
             held.discard()
-            code = errno.ENOSPC if "errno = 28" in str(e) or getattr(e, "errno", None) == errno.ENOSPC else \
-                getattr(e, "errno", None) or errno.EIO
-            raise OSError(code, f"could not write the weights ({os.strerror(code)}); the previous file is kept",
-                          path) from None
+            raise OSError(failed, f"could not write the weights ({os.strerror(failed)}); the previous file is kept",
+                          path)
 
 
 class _held_stderr(contextlib.AbstractContextManager):
@@ -91,7 +98,8 @@ class _held_stderr(contextlib.AbstractContextManager):
 
     def __enter__(self):
         sys.stderr.flush()
-        self._saved, self._file = os.dup(2), tempfile.TemporaryFile()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
         os.dup2(self._file.fileno(), 2)
         self._keep = True
         return self
@@ -372,6 +380,10 @@ def run_records(model_dir: str, run: dict, data_dir: str = "") -> RecordSet:
         records = RecordSet.open(where)
     except DataError as e:
         raise ConfigError(f"--data_dir: {e}") from None
+    if records.class_names != list(run["class_names"]) or records.task != run["task"]:  # the plainer reason first
+        flag = "--data_dir" if data_dir else "the run's data_dir"
+        raise ConfigError(f"{flag}={records.data_dir!r} holds {records.task} records with classes "
+                          f"{records.class_names}; the run was trained on {run['task']} classes {run['class_names']}")
     if run.get("records_fingerprint") and records_fingerprint(records.manifest) != run["records_fingerprint"]:
         flag = f"--data_dir={data_dir!r}" if data_dir else f"{where} (run.json's data_dir)"
         raise ConfigError(f"{flag} holds other records than the run in {model_dir} was trained on (converted again "

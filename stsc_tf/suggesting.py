@@ -115,7 +115,8 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
         "labels": "",
     })
     atomic_write_csv(out, table)
-    _thumbnails(records, cfg.data.image_size, table.head(SHEET), sheet)
+    with records.reading():
+        _thumbnails(records, cfg.data.image_size, table.head(SHEET), sheet)
     record_outputs(model_dir, [out, sheet])
     log.info("suggested %d of %d unlabeled images -> %s (and %s)", len(picked), len(candidates), out, sheet)
     print(f"suggested {len(picked)} of {len(candidates)} unlabeled training images\n  list:       "

@@ -338,7 +338,7 @@ def _fit_and_test(cfg, records, strategy, model_dir, run_info, labeled, label_ta
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             train_input = distribute_per_worker(data.dataset, strategy)
         model.fit(train_input, epochs=cfg.train.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
-                  validation_data=val and val.map(_without_ids), callbacks=callbacks, verbose=2)
+                  validation_data=None if val is None else val.map(_without_ids), callbacks=callbacks, verbose=2)
     else:
         log.info("%s already finished %d epochs; writing its test metrics again", model_dir, start_epoch)
     if guard.message:

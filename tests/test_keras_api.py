@@ -356,7 +356,7 @@ def test_input_forms_stsc_dataset_and_fit_do_not_take_are_refused_saying_what_to
         stsc_dataset(batched, num_samples=N, **common)
     model = STSCModel.from_backbone("tiny", num_classes=K, image_size=S, num_train=N, loss_config=LOSS)
     model.compile(optimizer="adam")
-    with pytest.raises(ValueError, match="not \\(x, y\\) arrays.*stsc_dataset"):
+    with pytest.raises(ValueError, match="dicts with keys.*not \\(x, y\\) arrays.*stsc_dataset"):
         model.fit(preprocess_images(images, S), one_hot, steps_per_epoch=2)
 
 

@@ -180,7 +180,7 @@ def stsc_dataset(images, labels=None, labeled=None, *, batch_size: int, labeled_
         if not isinstance(spec, tuple) or len(spec) != 2:
             raise ValueError(f"the dataset's elements must be (image, label) pairs, got {spec}; unlabeled images "
                              "too need a label slot (any value) with labeled=False")
-        if spec[0].shape.rank != 3:
+        if spec[0].shape.rank not in (None, 3):
             raise ValueError(f"the dataset's images have shape {spec[0].shape}; expected one image [H, W, C] per "
                              "element: pass the dataset unbatched (ds.unbatch())")
         label_spec = spec[1]

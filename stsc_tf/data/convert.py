@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -119,8 +120,22 @@ def _is_conversion(out_dir: str) -> bool:
 
 def lock_path(out_dir: str) -> str:
     """The lock file of a conversion folder, beside it: a conversion holds it exclusively, readers shared."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
+    parent, name = os.path.split(os.path.realpath(out_dir))  # one lock whatever link a process came through
     return os.path.join(parent, f".{name}.lock")
+
+
+def _try_flock(handle, mode: int) -> bool:
+    """True when locked, False when another process holds a conflicting lock. A filesystem without flock (some
+    network or FUSE mounts) gets a warning and no lock, rather than refusing every reader."""
+    try:
+        fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        log.warning("cannot lock %s (%s): conversions and readers of it are not kept apart", handle.name,
+                    e.strerror or e)
+        return True
 
 
 @contextlib.contextmanager
@@ -128,16 +143,13 @@ def reading_lock(data_dir: str):
     """Held while a process reads a conversion: a conversion into that folder is refused meanwhile, and the other
     way round. Where the lock cannot be created (a read-only place), nothing can convert there either: no lock."""
     try:
-        handle = open(lock_path(data_dir), "a")
+        handle = open(lock_path(data_dir), "a+")  # readable too: NFS emulates a shared flock with a read lock
     except OSError:
         handle = None
     try:
-        if handle is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                raise DataError(f"{data_dir}: a conversion into it is running (python -m stsc_tf.convert); wait for "
-                                "it to finish") from None
+        if handle is not None and not _try_flock(handle, fcntl.LOCK_SH):
+            raise DataError(f"{data_dir}: a conversion into it is running (python -m stsc_tf.convert); wait for it "
+                            "to finish")
         yield
     finally:
         if handle is not None:
@@ -157,10 +169,8 @@ class OutputFolder:
         self._lock = None
 
     def __enter__(self) -> "OutputFolder":
-        self._lock = open(self._lock_path, "a")
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        self._lock = open(self._lock_path, "a+")
+        if not _try_flock(self._lock, fcntl.LOCK_EX):
             self._lock.close()
             raise DataError(f"another process uses {self.out_dir}: a conversion into it, or a training, evaluation "
                             "or prediction reading it; wait for it to finish") from None
@@ -172,8 +182,7 @@ class OutputFolder:
 
     def __exit__(self, *exc):
         shutil.rmtree(self.work, ignore_errors=True)  # a finished work folder has been moved away already
-        fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
-        self._lock.close()
+        self._lock.close()  # releases the flock
         return False
 
     def _recover(self) -> None:

@@ -88,12 +88,21 @@ class RecordSet:
                             f"changed after the conversion. Check with python -m stsc_tf.convert --verify "
                             f"--output_dir={self.data_dir}, then convert again")
 
+    def _check_unchanged(self) -> None:
+        """Under the lock: the folder still holds the conversion this RecordSet was opened on (a conversion may
+        have replaced it between the opening, the hashing and the lock)."""
+        now = load_manifest(self.data_dir)  # a damaged folder is named by its own error
+        if now.get("splits") != self.manifest.get("splits") or now.get("class_names") != self.manifest.get(
+                "class_names"):
+            raise DataError(f"{self.data_dir} was converted again while this command was starting; run it again")
+
     @contextlib.contextmanager
     def reading(self):
         """Reads under the conversion's shared lock (no conversion replaces the records meanwhile); turns
         TensorFlow's "corrupted record" into a DataError naming the damaged shard(s) (checked by hash)."""
         try:
             with reading_lock(self.data_dir):
+                self._check_unchanged()
                 yield
         except tf.errors.DataLossError as e:
             damaged = damaged_shards(self.data_dir, self.manifest)

@@ -285,9 +285,9 @@ class STSCModel(SkipSymbolicBuild, keras.Model):
     def fit(self, x=None, y=None, *args, steps_per_epoch=None, **kwargs):
         """keras.Model.fit; takes the schedules' epoch length from `steps_per_epoch` or the dataset when unset."""
         if y is not None or isinstance(x, (np.ndarray, tf.Tensor, list, tuple)):
-            raise ValueError("STSCModel.fit takes STSC batches, not (x, y) arrays: build them with "
-                             "stsc_tf.data.batches.stsc_dataset(images, labels, labeled, batch_size=..., "
-                             "labeled_per_batch=...) and pass that dataset")
+            raise ValueError(f"STSCModel.fit takes STSC batches, dicts with keys {list(REQUIRED_KEYS)}, not (x, y) "
+                             "arrays: build them with stsc_tf.data.batches.stsc_dataset(images, labels, labeled, "
+                             "batch_size=..., labeled_per_batch=...) and pass that dataset")
         if self.steps_per_epoch is None:
             steps = steps_per_epoch
             if steps is None and isinstance(x, tf.data.Dataset):
