@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import datetime
-import errno
 import itertools
 import logging
 import os
@@ -38,19 +37,11 @@ from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError, DataError
 from stsc_tf.files import atomic_path, atomic_write_csv, atomic_write_json, remove_stale_temps, sha256
 from stsc_tf.losses import probabilities
-from stsc_tf.run_folder import (CALIBRATION, check_replaceable_output, check_writable, checkpoint_path, load_run,
-                                read_calibration, record_outputs, run_records, write_metrics)
+from stsc_tf.run_folder import (CALIBRATION, check_records, check_replaceable_output, check_writable, checkpoint_path,
+                                load_run, read_calibration, record_outputs, run_records, write_metrics)
 
 log = logging.getLogger("stsc_tf.evaluate")
 NETWORKS = ("student", "teacher")
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
-
-
-def check_records(records: RecordSet, run: dict, flag: str = "--data_dir") -> None:
-    """Refuses records whose classes (by name, in order) or task differ from the run's."""
-    if records.class_names != list(run["class_names"]) or records.task != run["task"]:
-        raise ConfigError(f"{flag}={records.data_dir!r} holds {records.task} records with classes "
-                          f"{records.class_names}; the run was trained on {run['task']} classes {run['class_names']}")
 
 
 def predict_split(network: keras.Model, records: RecordSet, split: str, image_size: int, batch_size: int,
@@ -188,11 +179,10 @@ def evaluate_run(model_dir: str, split: str = "test", which=NETWORKS, checkpoint
     loaded_sha256 = sha256(weights) if fit and os.path.isfile(weights) else ""  # before loading: see fit_thresholds
     cfg, run, model = load_run(model_dir, checkpoint)
     records = run_records(model_dir, run, data_dir)  # the run's own records, by content: its splits, no leak
-    check_records(records, run, "--data_dir" if data_dir else f"the run's data_dir ({run['data_dir']})")
     records.check([split] + (["val"] if fit else []))
     with records.reading():
         return _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds,
-                         fit and loaded_sha256, criterion, method)
+                         loaded_sha256, criterion, method)
 
 
 def _evaluate(model_dir, cfg, run, model, records, split, which, checkpoint, bootstrap, thresholds, loaded_sha256,
@@ -316,44 +306,6 @@ def decisions(probs: np.ndarray, thresholds, class_names: list[str], multi_label
     return {"prediction": [class_names[i] for i in probs.argmax(1)], "flagged": joined}
 
 
-def _predict_to(out, skipped_path, header, data_dir, split, images, image_list, run, cfg, batch_size, max_pixels,
-                which, forward, write, progress) -> tuple[int, int]:
-    """Streams the predictions (and the skipped files) into temporaries renamed into place when complete."""
-    count, skipped = 0, 0
-    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f, \
-            atomic_path(skipped_path) as tmp_skipped, open(tmp_skipped, "w", newline="", encoding="utf-8") as g:
-        # both streamed (memory stays constant); "\n" line ends, as the package's other CSVs (pandas)
-        writer, skip_writer = csv.writer(f, lineterminator="\n"), csv.writer(g, lineterminator="\n")
-        writer.writerow(header)
-        skip_writer.writerow(["path", "why"])
-        if data_dir:
-            records = RecordSet.open(data_dir)
-            check_records(records, run)
-            records.check([split])
-            with records.reading():
-                for batch in eval_dataset(records, split, cfg.data.image_size, batch_size):
-                    z, z_s, z_t = forward(batch["image"])
-                    refuse_nonfinite(which, split, [i.decode() for i in batch["id"].numpy()], z)
-                    write(writer, [i.decode() for i in batch["id"].numpy()], z, z_s, z_t)
-                    count += len(z)
-                    progress.add(len(z))
-        else:
-            paths = expand_images(images) if images else _list_file(image_list)
-            for batch in _path_batches(paths, cfg.data.image_size, max_pixels, batch_size):
-                good = [(p, x) for p, x, _ in batch if x is not None]
-                bad_files = [(p, why) for p, x, why in batch if x is None]
-                if good:
-                    z, z_s, z_t = forward(np.stack([x for _, x in good]))
-                    bad = ~np.isfinite(z).all(axis=1)
-                    bad_files += [(p, "the network's output is not finite") for (p, _), b in zip(good, bad) if b]
-                    write(writer, [p for (p, _), b in zip(good, bad) if not b], z[~bad], z_s[~bad], z_t[~bad])
-                    count += int((~bad).sum())
-                skip_writer.writerows(bad_files)
-                skipped += len(bad_files)
-                progress.add(len(batch))
-    return count, skipped
-
-
 def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir: str = "", split: str = "test",
                 out: str = "predictions.csv", which: str = "", batch_size: int = 32, thresholds: str = "paper",
                 checkpoint: str = "best", max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
@@ -410,14 +362,38 @@ def predict_run(model_dir: str, images: str = "", image_list: str = "", data_dir
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for folder, name in {(os.path.dirname(os.path.abspath(p)), os.path.basename(p)) for p in (out, skipped_path)}:
         remove_stale_temps(folder, (name,))  # what a killed predict of the same --out left
-    try:
-        count, skipped = _predict_to(out, skipped_path, header, data_dir, split, images, image_list, run, cfg,
-                                     batch_size, max_pixels, which, forward, write, progress)
-    except OSError as e:  # a full disk, most often: the previous file (if any) is still whole
-        if e.errno not in WRITE_ERRORS:
-            raise
-        raise ConfigError(f"--out={out!r}: could not write the predictions ({e.strerror or e}); nothing was "
-                          "replaced") from None
+    count, skipped = 0, 0
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f, \
+            atomic_path(skipped_path) as tmp_skipped, open(tmp_skipped, "w", newline="", encoding="utf-8") as g:
+        # both streamed (memory stays constant); "\n" line ends, as the package's other CSVs (pandas)
+        writer, skip_writer = csv.writer(f, lineterminator="\n"), csv.writer(g, lineterminator="\n")
+        writer.writerow(header)
+        skip_writer.writerow(["path", "why"])
+        if data_dir:
+            records = RecordSet.open(data_dir)
+            check_records(records, run)
+            records.check([split])
+            with records.reading():
+                for batch in eval_dataset(records, split, cfg.data.image_size, batch_size):
+                    z, z_s, z_t = forward(batch["image"])
+                    refuse_nonfinite(which, split, [i.decode() for i in batch["id"].numpy()], z)
+                    write(writer, [i.decode() for i in batch["id"].numpy()], z, z_s, z_t)
+                    count += len(z)
+                    progress.add(len(z))
+        else:
+            paths = expand_images(images) if images else _list_file(image_list)
+            for batch in _path_batches(paths, cfg.data.image_size, max_pixels, batch_size):
+                good = [(p, x) for p, x, _ in batch if x is not None]
+                bad_files = [(p, why) for p, x, why in batch if x is None]
+                if good:
+                    z, z_s, z_t = forward(np.stack([x for _, x in good]))
+                    bad = ~np.isfinite(z).all(axis=1)
+                    bad_files += [(p, "the network's output is not finite") for (p, _), b in zip(good, bad) if b]
+                    write(writer, [p for (p, _), b in zip(good, bad) if not b], z[~bad], z_s[~bad], z_t[~bad])
+                    count += int((~bad).sum())
+                skip_writer.writerows(bad_files)
+                skipped += len(bad_files)
+                progress.add(len(batch))
     if not skipped:
         os.remove(skipped_path)
     record_outputs(model_dir, [out] + ([skipped_path] if skipped else []))

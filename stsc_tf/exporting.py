@@ -35,7 +35,7 @@ from stsc_tf import losses
 from stsc_tf.config import MAX_IMAGE_PIXELS
 from stsc_tf.data import augment
 from stsc_tf.errors import ConfigError
-from stsc_tf.files import atomic_write_text
+from stsc_tf.files import atomic_write_text, try_lock
 from stsc_tf.run_folder import CALIBRATION, load_run, read_calibration
 
 log = logging.getLogger("stsc_tf.export")
@@ -80,11 +80,9 @@ def export_network(network: keras.Model, *, class_names: list[str], image_size: 
     """Writes `network` (image -> (relation features, logits)) as a SavedModel with both signatures at `path`."""
     parent, version = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    with open(os.path.join(parent, ".export.lock"), "a") as lock:  # one export into a model folder at a time
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"another export into {parent} is running; wait for it to finish") from None
+    with open(os.path.join(parent, ".export.lock"), "a+") as lock:  # one export into a model folder at a time
+        if not try_lock(lock, fcntl.LOCK_EX):
+            raise ConfigError(f"another export into {parent} is running; wait for it to finish")
         if os.path.exists(path):
             raise ConfigError(f"export folder {path} already exists; choose another --version (TF Serving loads the "
                               "highest version number)")

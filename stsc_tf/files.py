@@ -10,9 +10,12 @@ non-ASCII characters survive the round trip.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 
@@ -39,11 +42,15 @@ def commit(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)  # what a full or failing disk says
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yields a temporary path to write; on success it becomes `path`, on any error it is removed.
 
-    An OSError (a read-only folder, a full disk) names `path`, not the temporary file.
+    An OSError (a read-only folder, a full disk) names `path`, not the temporary file; a write error that names
+    no file (a stream's write or flush) names `path` too.
     """
     try:
         tmp = temp_path(path, suffix)
@@ -55,8 +62,8 @@ def atomic_path(path: str, suffix: str = ""):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.filename == tmp:
-            raise OSError(e.errno, f"cannot be written ({e.strerror})", path) from None
+        if isinstance(e, OSError) and (e.filename == tmp or (e.filename is None and e.errno in WRITE_ERRORS)):
+            raise OSError(e.errno, f"cannot be written ({e.strerror}); nothing was replaced", path) from None
         raise
 
 
@@ -119,3 +126,18 @@ def split_plus(value: str) -> list[str]:
         out.append("+".join(parts[i:j]))
         i = j
     return out
+
+
+def try_lock(handle, mode: int) -> bool:
+    """flock(mode | LOCK_NB) on an open file: True when locked, False when another process holds a conflicting lock.
+    A filesystem without flock (some network or FUSE mounts) gets a warning and no lock, rather than a refusal of
+    every caller. The kernel releases the lock when the file is closed or its process dies."""
+    try:
+        fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        logging.getLogger("stsc_tf").warning("cannot lock %s (%s): concurrent runs are not kept apart there",
+                                             handle.name, e.strerror or e)
+        return True

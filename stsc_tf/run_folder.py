@@ -41,7 +41,7 @@ from stsc_tf.config import HARMLESS, Config
 from stsc_tf.data.pipeline import RecordSet
 from stsc_tf.errors import ConfigError, DataError
 from stsc_tf.files import (atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_csv, sha256,
-                           split_plus)
+                           split_plus, try_lock)
 from stsc_tf.models.optimizers import FusedAdam
 from stsc_tf.models.stsc import STSCModel
 from stsc_tf.schedules import EpochDecay
@@ -194,14 +194,12 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         f = open(self.path, "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock(f, fcntl.LOCK_EX):
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
             raise ConfigError(f"--model_dir={os.path.dirname(self.path)!r} is in use by {holder}; wait for it to "
-                              "finish (or stop it), or choose another --model_dir") from None
+                              "finish (or stop it), or choose another --model_dir")
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -212,8 +210,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._file is not None:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
+            self._file.close()  # releases the flock
             self._file = None
 
     def __enter__(self):
@@ -370,6 +367,13 @@ def check_same_data(model_dir: str, run_info: dict, labeled: pd.DataFrame, by_ra
         log.info("the records moved: %s now names %s", RUN, run_info["data_dir"])
 
 
+def check_records(records: RecordSet, run: dict, flag: str = "--data_dir") -> None:
+    """Refuses records whose classes (by name, in order) or task differ from the run's."""
+    if records.class_names != list(run["class_names"]) or records.task != run["task"]:
+        raise ConfigError(f"{flag}={records.data_dir!r} holds {records.task} records with classes "
+                          f"{records.class_names}; the run was trained on {run['task']} classes {run['class_names']}")
+
+
 def run_records(model_dir: str, run: dict, data_dir: str = "") -> RecordSet:
     """The run's records: at `data_dir` when given (they must be the run's by content), else where run.json says."""
     where = data_dir or run["data_dir"]
@@ -380,10 +384,7 @@ def run_records(model_dir: str, run: dict, data_dir: str = "") -> RecordSet:
         records = RecordSet.open(where)
     except DataError as e:
         raise ConfigError(f"--data_dir: {e}") from None
-    if records.class_names != list(run["class_names"]) or records.task != run["task"]:  # the plainer reason first
-        flag = "--data_dir" if data_dir else "the run's data_dir"
-        raise ConfigError(f"{flag}={records.data_dir!r} holds {records.task} records with classes "
-                          f"{records.class_names}; the run was trained on {run['task']} classes {run['class_names']}")
+    check_records(records, run, "--data_dir" if data_dir else "the run's data_dir")  # the plainer reason first
     if run.get("records_fingerprint") and records_fingerprint(records.manifest) != run["records_fingerprint"]:
         flag = f"--data_dir={data_dir!r}" if data_dir else f"{where} (run.json's data_dir)"
         raise ConfigError(f"{flag} holds other records than the run in {model_dir} was trained on (converted again "

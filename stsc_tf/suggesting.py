@@ -33,7 +33,7 @@ from stsc_tf import figures, selection
 from stsc_tf.data import augment
 from stsc_tf.data.pipeline import RecordSet, eval_dataset
 from stsc_tf.errors import ConfigError
-from stsc_tf.evaluation import check_records, refuse_nonfinite
+from stsc_tf.evaluation import refuse_nonfinite
 from stsc_tf.files import atomic_write_csv, read_csv
 from stsc_tf.losses import probabilities
 from stsc_tf.run_folder import (LABELED, check_replaceable_output, check_writable, load_run, read_labeled,
@@ -81,7 +81,6 @@ def suggest_run(model_dir: str, budget: int = 200, out: str = "", diversity: flo
         check_replaceable_output(model_dir, path)
     cfg, run, model = load_run(model_dir, checkpoint)
     records = run_records(model_dir, run, data_dir)
-    check_records(records, run, f"the run's data_dir ({records.data_dir})")
     records.check(["train"])
     labeled = read_labeled(model_dir)
     if labeled is None:

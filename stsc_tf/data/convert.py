@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import json
 import logging
@@ -38,7 +37,7 @@ from stsc_tf.data.images import encode_task, validate_image
 from stsc_tf.data.sources import Row, Source, load_source
 from stsc_tf.data.splits import DEFAULT_RATIOS, read_split_dir, stratified_group_split
 from stsc_tf.errors import DataError
-from stsc_tf.files import atomic_write_csv, atomic_write_json, read_csv, sha256
+from stsc_tf.files import atomic_write_csv, atomic_write_json, read_csv, sha256, try_lock
 
 log = logging.getLogger("stsc_tf.convert")
 TMP_SUFFIX = ".incomplete"
@@ -124,20 +123,6 @@ def lock_path(out_dir: str) -> str:
     return os.path.join(parent, f".{name}.lock")
 
 
-def _try_flock(handle, mode: int) -> bool:
-    """True when locked, False when another process holds a conflicting lock. A filesystem without flock (some
-    network or FUSE mounts) gets a warning and no lock, rather than refusing every reader."""
-    try:
-        fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
-        return True
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return False
-        log.warning("cannot lock %s (%s): conversions and readers of it are not kept apart", handle.name,
-                    e.strerror or e)
-        return True
-
-
 @contextlib.contextmanager
 def reading_lock(data_dir: str):
     """Held while a process reads a conversion: a conversion into that folder is refused meanwhile, and the other
@@ -147,7 +132,7 @@ def reading_lock(data_dir: str):
     except OSError:
         handle = None
     try:
-        if handle is not None and not _try_flock(handle, fcntl.LOCK_SH):
+        if handle is not None and not try_lock(handle, fcntl.LOCK_SH):
             raise DataError(f"{data_dir}: a conversion into it is running (python -m stsc_tf.convert); wait for it "
                             "to finish")
         yield
@@ -170,10 +155,10 @@ class OutputFolder:
 
     def __enter__(self) -> "OutputFolder":
         self._lock = open(self._lock_path, "a+")
-        if not _try_flock(self._lock, fcntl.LOCK_EX):
+        if not try_lock(self._lock, fcntl.LOCK_EX):
             self._lock.close()
             raise DataError(f"another process uses {self.out_dir}: a conversion into it, or a training, evaluation "
-                            "or prediction reading it; wait for it to finish") from None
+                            "or prediction reading it; wait for it to finish")
         self._recover()
         self._check_target()
         os.makedirs(self.work)
